@@ -1,0 +1,30 @@
+"""Shared types and contracts: DataCube, Calibration, units, errors and the CLI root.
+
+Kept light on purpose: importing ``stemforge.core`` loads NumPy and nothing heavier.
+"""
+
+from stemforge.core.calibration import Calibration
+from stemforge.core.datacube import DataCube
+from stemforge.core.errors import (
+    CalibrationError,
+    ChecksumError,
+    ConfigurationError,
+    FileFormatError,
+    InvalidDataError,
+    MissingFileError,
+    ShapeError,
+    StemforgeError,
+)
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "ChecksumError",
+    "ConfigurationError",
+    "DataCube",
+    "FileFormatError",
+    "InvalidDataError",
+    "MissingFileError",
+    "ShapeError",
+    "StemforgeError",
+]

@@ -1,0 +1,1 @@
+"""Datacube readers and writers, training-shard stores, torch datasets and augmentation."""

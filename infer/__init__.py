@@ -1,0 +1,1 @@
+"""Analyses on datacubes: virtual imaging, calibration, disk detection, strain, phase, identity."""

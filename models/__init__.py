@@ -1,0 +1,1 @@
+"""Neural networks, scikit-learn pipelines, features and the model zoo."""

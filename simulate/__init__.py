@@ -1,0 +1,1 @@
+"""Structure sources, zone-axis orientation, abTEM multislice and the simulation factory."""

@@ -1,0 +1,1 @@
+"""Hydra entry points that fit models and export them to the zoo."""
