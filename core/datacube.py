@@ -10,12 +10,30 @@ from typing import Any
 import numpy as np
 
 from stemforge.core.calibration import Calibration
-from stemforge.core.errors import ShapeError
+from stemforge.core.errors import InvalidDataError, ShapeError
 
 
 def is_lazy(array: Any) -> bool:
     """True for Dask-backed arrays (checked without importing dask)."""
     return type(array).__module__.startswith("dask")
+
+
+def require_finite(block: np.ndarray, rx_offset: int = 0, name: str = "datacube") -> None:
+    """Raise :class:`InvalidDataError` naming the first scan position with NaN or inf.
+
+    ``block`` is a slab ``(rx, Ry, Qx, Qy)`` of a datacube starting at scan row ``rx_offset``.
+    Integer data cannot hold NaN and is not scanned.
+    """
+    if block.dtype.kind not in "fc":
+        return
+    good = np.isfinite(block).all(axis=(-2, -1))
+    if not good.all():
+        rx, ry = np.argwhere(~good)[0]
+        raise InvalidDataError(
+            f"{name}: {int((~good).sum())} pattern(s) in scan rows {rx_offset}.."
+            f"{rx_offset + block.shape[0] - 1} contain NaN or inf, first at (rx={rx + rx_offset}, ry={ry})",
+            "replace or mask the bad frames (e.g. numpy.nan_to_num) before the analysis",
+        )
 
 
 @dataclass
@@ -128,17 +146,23 @@ class DataCube:
         row_bytes = self.shape[1] * self.shape[2] * self.shape[3] * 4
         return max(1, min(self.shape[0], max_bytes // max(row_bytes, 1)))
 
-    def iter_blocks(self, max_bytes: int = 64 * 2**20) -> Iterator[tuple[slice, np.ndarray]]:
+    def iter_blocks(
+        self, max_bytes: int = 64 * 2**20, check_finite: bool = True
+    ) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield ``(rx_slice, block)`` over scan rows, each block in memory.
 
         Memory stays bounded for memory-mapped and Dask-backed data alike, since only one
-        block is materialised at a time.
+        block is materialised at a time. With ``check_finite`` a block holding NaN or inf
+        raises :class:`InvalidDataError` naming the scan position.
         """
         step = self.rows_per_block(max_bytes)
         for start in range(0, self.shape[0], step):
             sl = slice(start, min(start + step, self.shape[0]))
             block = self.data[sl]
-            yield sl, np.asarray(block.compute() if is_lazy(block) else block)
+            block = np.asarray(block.compute() if is_lazy(block) else block)
+            if check_finite:
+                require_finite(block, start, self.name)
+            yield sl, block
 
     def __repr__(self) -> str:
         kind = "lazy" if self.is_lazy else "in memory"
