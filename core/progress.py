@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -18,8 +19,19 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+@contextmanager
+def _bar(description: str, total: int | None) -> Iterator[tuple[Any, Any]]:
+    """A rich Progress on stderr with one task; yields ``(progress, task_id)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        yield progress, progress.add_task(description, total=total)
+
+
 def track(items: Iterable[T], total: int | None = None, description: str = "working") -> Iterator[T]:
-    """Iterate over ``items`` with a rich progress bar on stderr.
+    """Iterate over ``items`` with a progress bar.
 
     Parameters
     ----------
@@ -33,14 +45,35 @@ def track(items: Iterable[T], total: int | None = None, description: str = "work
     if not progress_enabled():
         yield from items
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total)
+    with _bar(description, total) as (progress, task):
         for item in items:
             yield item
-            bar.advance(task)
+            progress.advance(task)
+
+
+@contextmanager
+def dask_progress(description: str = "computing") -> Iterator[None]:
+    """Show a progress bar over the tasks of the Dask computations run inside the block.
+
+    Uses Dask's local-scheduler callbacks; on a ``dask.distributed`` client use its
+    dashboard or ``distributed.progress`` instead (the block then runs without a bar).
+    """
+    if not progress_enabled():
+        yield
+        return
+    from dask.callbacks import Callback
+
+    with _bar(description, None) as (progress, task):
+
+        class _Callback(Callback):
+            def _start_state(self, dsk: Any, state: dict) -> None:
+                total = sum(len(state[k]) for k in ("ready", "waiting", "running"))
+                progress.update(task, total=total)
+
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: dict, worker_id: Any) -> None:
+                progress.advance(task)
+
+        with _Callback():
+            yield

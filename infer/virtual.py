@@ -1,0 +1,239 @@
+"""Virtual imaging: detector masks contracted against every diffraction pattern.
+
+The contraction is one pass over the data with all masks batched into a single matrix
+product per block of patterns, so the cost is that of reading the data once. Data are
+streamed in blocks of scan rows (memory maps) or mapped over Dask chunks of scan
+positions (lazy cubes, including on a ``dask.distributed`` cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from stemforge.core.datacube import DataCube, require_finite
+from stemforge.core.errors import ConfigurationError, InvalidDataError
+from stemforge.core.progress import track
+from stemforge.infer.detectors import Detector
+
+#: Patterns per matrix product: ~4–16 MB of float32 keeps the cast and the product in cache.
+_INNER_BYTES = 8 * 2**20
+
+
+# ---- kernels ----------------------------------------------------------------------------
+def contract(patterns: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted sums of each pattern: ``(n, Qx, Qy) × (K, Qx, Qy) → (n, K)``.
+
+    Parameters
+    ----------
+    patterns
+        Stack of patterns, any real dtype.
+    weights
+        One mask per output channel (float32 is used for the product).
+    """
+    n = patterns.shape[0]
+    flat = patterns.reshape(n, -1)
+    w_t = np.ascontiguousarray(weights.reshape(weights.shape[0], -1).T, dtype=np.float32)
+    out = np.empty((n, w_t.shape[1]), np.float32)
+    step = max(1, _INNER_BYTES // (4 * flat.shape[1]))
+    # Casting block by block into a reused buffer avoids a float copy of the whole slab.
+    buf = None if flat.dtype == np.float32 else np.empty((min(step, n), flat.shape[1]), np.float32)
+    for i in range(0, n, step):
+        chunk = flat[i : i + step]
+        if buf is not None:
+            np.copyto(buf[: len(chunk)], chunk, casting="unsafe")
+            chunk = buf[: len(chunk)]
+        np.matmul(chunk, w_t, out=out[i : i + step])
+    return out.astype(np.float64)
+
+
+def contract_following(
+    patterns: np.ndarray, detectors: Sequence[Detector], origins: np.ndarray
+) -> np.ndarray:
+    """Like :func:`contract`, with each detector centred on each pattern's own origin.
+
+    Parameters
+    ----------
+    patterns
+        ``(n, Qx, Qy)``.
+    detectors
+        The detectors, defined relative to the origin.
+    origins
+        ``(n, 2)`` origin (qx0, qy0) of each pattern, pixels.
+    """
+    n, shape = patterns.shape[0], patterns.shape[1:]
+    out = np.empty((n, len(detectors)), np.float64)
+    step = max(1, _INNER_BYTES // (4 * shape[0] * shape[1]))
+    for i in range(0, n, step):
+        chunk = patterns[i : i + step].astype(np.float32, copy=False)
+        for k, det in enumerate(detectors):
+            masks = det.render(shape, origins[i : i + step])
+            out[i : i + step, k] = np.einsum("nij,nij->n", chunk, masks, dtype=np.float64)
+    return out
+
+
+def _block_images(
+    block: np.ndarray,
+    rx_offset: int,
+    detectors: Sequence[Detector],
+    weights: np.ndarray | None,
+    origins: np.ndarray | None,
+    name: str,
+) -> np.ndarray:
+    """Virtual images of one slab ``(rx, ry, Qx, Qy)`` → ``(rx, ry, K)``.
+
+    ``origins`` is None (fixed detectors, given as ``weights``) or the slab's own
+    ``(rx, ry, 2)`` origins; ``rx_offset`` only serves error messages.
+    """
+    require_finite(block, rx_offset, name)
+    rx, ry = block.shape[:2]
+    patterns = block.reshape(rx * ry, *block.shape[2:])
+    if origins is None:
+        values = contract(patterns, weights)
+    else:
+        values = contract_following(patterns, detectors, origins.reshape(-1, 2))
+    return values.reshape(rx, ry, -1)
+
+
+# ---- orchestration ------------------------------------------------------------------------
+def virtual_images(
+    cube: DataCube,
+    detectors: Sequence[Detector],
+    *,
+    follow_origin: bool = False,
+    origin: tuple[float, float] | None = None,
+    max_bytes: int = 64 * 2**20,
+) -> np.ndarray:
+    """Virtual images of a datacube for several detectors in one pass.
+
+    Parameters
+    ----------
+    cube
+        The datacube (in memory, memory-mapped or lazy).
+    detectors
+        Detectors relative to the origin.
+    follow_origin
+        Centre the detectors on each pattern's calibrated origin (``cube.calibration.qx0``
+        and ``qy0`` arrays) instead of one fixed origin.
+    origin
+        The fixed origin (qx0, qy0) in pixels when not following; default: the calibrated
+        mean origin, or else the detector centre.
+    max_bytes
+        Memory for one block of patterns when streaming.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(K, Rx, Ry)`` float64, one image per detector.
+    """
+    if not detectors:
+        raise ConfigurationError("no detector given", "pass at least one --detector")
+    origins = None
+    weights = None
+    if follow_origin:
+        qx0, qy0 = cube.calibration.origin_array(cube.scan_shape)
+        origins = np.stack([qx0, qy0], axis=-1)
+    else:
+        fixed = np.asarray(origin if origin is not None else default_origin(cube), float)
+        weights = np.concatenate([d.render(cube.detector_shape, fixed) for d in detectors])
+    if cube.is_lazy:
+        images = _virtual_images_dask(cube, detectors, weights, origins)
+    else:
+        images = np.empty((*cube.scan_shape, len(detectors)), np.float64)
+        blocks = cube.iter_blocks(max_bytes, check_finite=False)  # checked per block below
+        n_blocks = -(-cube.shape[0] // cube.rows_per_block(max_bytes))
+        for sl, block in track(blocks, n_blocks, "virtual images"):
+            sub = None if origins is None else origins[sl]
+            images[sl] = _block_images(block, sl.start, detectors, weights, sub, cube.name)
+    return np.moveaxis(images, -1, 0)
+
+
+def _virtual_images_dask(
+    cube: DataCube, detectors: Sequence[Detector], weights: np.ndarray | None, origins: np.ndarray | None
+) -> np.ndarray:
+    """Map the block kernel over Dask chunks of scan positions, then compute."""
+    from stemforge.core.progress import dask_progress
+
+    data = cube.data.rechunk({2: -1, 3: -1})
+
+    def kernel(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        (rx0, rx1), (ry0, ry1) = block_info[0]["array-location"][:2]
+        sub = None if origins is None else origins[rx0:rx1, ry0:ry1]
+        return _block_images(block, rx0, detectors, weights, sub, cube.name)
+
+    result = data.map_blocks(
+        kernel, dtype=np.float64, drop_axis=(2, 3), new_axis=2, chunks=(*data.chunks[:2], (len(detectors),))
+    )
+    with dask_progress("virtual images"):
+        return np.asarray(result.compute())
+
+
+def default_origin(cube: DataCube) -> tuple[float, float]:
+    """The calibrated mean origin, or the detector centre if the origin is not calibrated."""
+    if cube.calibration.has_origin:
+        return cube.calibration.mean_origin()
+    return (cube.shape[2] - 1) / 2, (cube.shape[3] - 1) / 2
+
+
+# ---- virtual diffraction ------------------------------------------------------------------
+def virtual_diffraction(cube: DataCube, mode: str = "mean", max_bytes: int = 64 * 2**20) -> np.ndarray:
+    """Mean or maximum diffraction pattern over the scan, ``(Qx, Qy)`` float64.
+
+    Parameters
+    ----------
+    cube
+        The datacube.
+    mode
+        'mean' or 'max'.
+    """
+    if mode not in ("mean", "max"):
+        raise ConfigurationError(f"unknown virtual diffraction mode {mode!r}", "use 'mean' or 'max'")
+    if cube.is_lazy:
+        from stemforge.core.progress import dask_progress
+
+        reduced = cube.data.mean(axis=(0, 1), dtype=np.float64) if mode == "mean" else cube.data.max(axis=(0, 1))
+        with dask_progress(f"{mode} pattern"):
+            result = np.asarray(reduced.compute(), np.float64)
+        if not np.all(np.isfinite(result)):
+            raise InvalidDataError(
+                f"{cube.name}: the {mode} pattern holds NaN or inf, so some frames do",
+                "replace or mask the bad frames (e.g. numpy.nan_to_num) before the analysis",
+            )
+        return result
+    acc = np.zeros(cube.detector_shape) if mode == "mean" else np.full(cube.detector_shape, -np.inf)
+    n_blocks = -(-cube.shape[0] // cube.rows_per_block(max_bytes))
+    for _, block in track(cube.iter_blocks(max_bytes), n_blocks, f"{mode} pattern"):
+        if mode == "mean":
+            acc += block.sum(axis=(0, 1), dtype=np.float64)
+        else:
+            np.maximum(acc, block.max(axis=(0, 1)), out=acc)
+    return acc / (cube.shape[0] * cube.shape[1]) if mode == "mean" else acc
+
+
+def estimate_bright_field(pattern: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float]:
+    """Centre and radius (pixels) of the bright-field disk of a (mean) pattern.
+
+    The disk is the connected region above ``threshold`` × the smoothed maximum that holds
+    the brightest pixel; its radius is that of a circle of the same area, its centre the
+    intensity-weighted centroid.
+    """
+    smooth = ndimage.gaussian_filter(np.asarray(pattern, float), 1.0)
+    peak = np.unravel_index(np.argmax(smooth), smooth.shape)
+    labels, _ = ndimage.label(smooth > threshold * smooth[peak])
+    disk = labels == labels[peak]
+    qx0, qy0 = ndimage.center_of_mass(np.where(disk, pattern, 0.0))
+    return float(qx0), float(qy0), float(np.sqrt(disk.sum() / np.pi))
+
+
+def sample_patterns(cube: DataCube, count: int = 64) -> np.ndarray:
+    """Mean of up to ``count`` patterns spread evenly over the scan (a cheap preview)."""
+    flat_index = np.unique(np.linspace(0, cube.shape[0] * cube.shape[1] - 1, count).round().astype(int))
+    rx, ry = np.unravel_index(flat_index, cube.scan_shape)
+    picks = [cube.data[i, j] for i, j in zip(rx, ry, strict=True)]
+    if cube.is_lazy:
+        import dask
+
+        picks = dask.compute(*picks)
+    return np.mean([np.asarray(p, float) for p in picks], axis=0)
