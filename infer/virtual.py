@@ -99,10 +99,11 @@ def _block_images(
     """
     rx, ry = block.shape[:2]
     patterns = block.reshape(rx * ry, *block.shape[2:])
-    if origins is None:
-        values = contract(patterns, weights)
-    else:
-        values = contract_following(patterns, detectors, origins.reshape(-1, 2))
+    with np.errstate(invalid="ignore", over="ignore"):  # bad frames are reported just below
+        if origins is None:
+            values = contract(patterns, weights)
+        else:
+            values = contract_following(patterns, detectors, origins.reshape(-1, 2))
     if not np.isfinite(values).all():
         require_finite(block, rx_offset, name)
     return values.reshape(rx, ry, -1)
