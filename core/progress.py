@@ -23,7 +23,13 @@ def progress_enabled() -> bool:
 def _bar(description: str, total: int | None) -> Iterator[tuple[Any, Any]]:
     """A rich Progress on stderr with one task; yields ``(progress, task_id)``."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
