@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 demo: $(STAMP)
-	$(BIN)/stemforge demo --out demo_out
+	$(BIN)/stemforge demo --input tests/data/blockfile/test1.blo --out demo_out
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/virtual_imaging.py

@@ -126,8 +126,16 @@ def virtual(
     out_path = check_image_path(out)
     if not detectors and pattern is None:
         raise ConfigurationError("nothing to compute", "give --detector SPEC (repeatable) and/or --pattern mean|max")
+    from stemforge.infer.virtual import virtual_from_specs
+
     cube = _open(file, scan_shape, lazy)
-    results = compute_virtual(cube, detectors, units=units, centered=centered, pattern=pattern)
+    if centered and detectors and not cube.calibration.has_origin:
+        from stemforge.infer.calibrate import measure_origin
+
+        click.echo("origin not calibrated: measuring it by centre of mass (run `stemforge calibrate` to keep it)")
+        _, _, fit = measure_origin(cube)
+        cube = cube.with_calibration(cube.calibration.replace(qx0=fit.qx0, qy0=fit.qy0))
+    results = virtual_from_specs(cube, detectors, units=units, centered=centered, pattern=pattern)
     paths = output_paths(out_path, list(results))
     for path in paths.values():  # refuse before writing anything
         if path.exists() and not overwrite:
@@ -144,49 +152,146 @@ def output_paths(out: Path, names: list[str]) -> dict[str, Path]:
     return {name: out.with_name(f"{out.stem}-{name}{out.suffix}") for name in names}
 
 
-def compute_virtual(
-    cube,  # noqa: ANN001 - DataCube; imported lazily
-    detector_specs: tuple[str, ...] | list[str],
-    *,
-    units: str = "px",
-    centered: bool = False,
-    pattern: str | None = None,
-) -> dict:
-    """Virtual images (and a virtual diffraction pattern) by name, as the CLI computes them."""
-    from stemforge.infer.detectors import parse_detector
-    from stemforge.infer.virtual import (
-        default_origin,
-        estimate_bright_field,
-        sample_patterns,
-        virtual_diffraction,
-        virtual_images,
+# ---- calibrate ------------------------------------------------------------------------------
+def _load_npy(path: str | None, what: str):  # noqa: ANN202 - ndarray or None
+    if path is None:
+        return None
+    import numpy as np
+
+    from stemforge.core.errors import FileFormatError, MissingFileError
+
+    if not Path(path).is_file():
+        raise MissingFileError(f"{what} file {path} does not exist", f"check the path to the {what}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise FileFormatError(f"cannot read {what} {path}: {exc}", "save it with numpy.save") from exc
+
+
+def _pair(value: str | None, option: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        a, b = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not two numbers A,B", param_hint=option) from None
+    return a, b
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=str))
+@click.option(
+    "--method",
+    type=click.Choice(["com", "xcorr", "friedel"]),
+    default="com",
+    show_default=True,
+    help="Origin per pattern: centre of mass of the central disk, cross-correlation with --probe, "
+    "or Friedel symmetry (works with a beam stop given as --beamstop).",
+)
+@click.option("--probe", help="Vacuum probe image (.npy) for --method xcorr.")
+@click.option("--beamstop", help="Boolean .npy mask, True on usable pixels (--method friedel).")
+@click.option(
+    "--fit",
+    "drift",
+    type=click.Choice(["plane", "poly2", "poly3", "constant", "none"]),
+    default="plane",
+    show_default=True,
+    help="Robust fit of the origin drift over the scan (none keeps the raw measurements).",
+)
+@click.option("--ring", metavar="R0,R1", help="Annulus (px) around a ring of the mean pattern: fits the ellipse.")
+@click.option("--known-spacing", type=float, metavar="D", help="d-spacing (Å) of the --ring: sets the Q pixel size.")
+@click.option("--energy", type=float, help="Beam energy in eV (e.g. 300e3).")
+@click.option("--semiangle", type=float, help="Probe convergence semiangle in mrad.")
+@click.option("--r-pixel-size", type=float, help="Scan step, in --r-units.")
+@click.option("--r-units", type=click.Choice(["A", "nm"]), default="A", show_default=True)
+@click.option("--q-pixel-size", type=float, help="Detector pixel size, in --q-units (overridden by --known-spacing).")
+@click.option("--q-units", type=click.Choice(["A^-1", "nm^-1", "mrad"]), default="A^-1", show_default=True)
+@click.option("--out", help="Write the calibration (JSON) here instead of next to the data / into the EMD file.")
+@click.option("--report", "report_dir", help="Folder for PNG maps of the origin and the mean pattern.")
+@scan_shape_option
+@lazy_option
+def calibrate(
+    file: str,
+    method: str,
+    probe: str | None,
+    beamstop: str | None,
+    drift: str,
+    ring: str | None,
+    known_spacing: float | None,
+    energy: float | None,
+    semiangle: float | None,
+    r_pixel_size: float | None,
+    r_units: str,
+    q_pixel_size: float | None,
+    q_units: str,
+    out: str | None,
+    report_dir: str | None,
+    scan_shape: str | None,
+    lazy: bool | None,
+) -> None:
+    """Measure the origin of every pattern (and its drift), the ellipse and the Q pixel size.
+
+    The calibration is written into an EMD/py4DSTEM .h5 file, or next to other formats as
+    FILE.calibration.json, where every other command finds it.
+    """
+    from stemforge.core.errors import ConfigurationError
+    from stemforge.infer.calibrate import calibrate_datacube, write_calibration_report
+
+    if method == "xcorr" and probe is None:
+        raise ConfigurationError("--method xcorr needs a template", "give --probe PROBE.npy (a vacuum probe image)")
+    cube = _open(file, scan_shape, lazy)
+    manual = {
+        key: value
+        for key, value in {
+            "energy": energy,
+            "convergence_semiangle": semiangle,
+            "r_pixel_size": r_pixel_size,
+            "q_pixel_size": q_pixel_size,
+        }.items()
+        if value is not None
+    }
+    if r_pixel_size is not None:
+        manual["r_units"] = r_units
+    if q_pixel_size is not None:
+        manual["q_units"] = q_units
+    cube = cube.with_calibration(cube.calibration.replace(**manual))
+    result = calibrate_datacube(
+        cube,
+        method=method,
+        template=_load_npy(probe, "probe"),
+        mask=_load_npy(beamstop, "beam-stop mask"),
+        drift=drift,
+        ring=_pair(ring, "--ring"),
+        known_spacing=known_spacing,
     )
+    written = _write_calibration(file, result.calibration, out)
+    _print_table(f"stemforge calibrate: {cube.name}", result.calibration.summary())
+    click.echo(f"wrote {written}")
+    if report_dir is not None:
+        for path in write_calibration_report(result, report_dir):
+            click.echo(f"wrote {path}")
 
-    results = {}
-    if pattern is not None:
-        results[pattern] = virtual_diffraction(cube, pattern)
-    if not detector_specs:
-        return results
-    if centered and not cube.calibration.has_origin:
-        from stemforge.infer.origin import find_origin
 
-        click.echo("origin not calibrated: measuring it by centre of mass (run `stemforge calibrate` to keep it)")
-        qx0, qy0 = find_origin(cube, method="com")
-        cube = cube.with_calibration(cube.calibration.replace(qx0=qx0, qy0=qy0))
-    bf_radius = max_radius = None
-    if any(spec.strip().lower() in ("bf", "adf") for spec in detector_specs):
-        _, _, bf_radius = estimate_bright_field(sample_patterns(cube))
-        ox, oy = default_origin(cube)
-        max_radius = min(ox, oy, cube.shape[2] - 1 - ox, cube.shape[3] - 1 - oy)
-    dets = [
-        parse_detector(s, units=units, calibration=cube.calibration, bf_radius=bf_radius, max_radius=max_radius)
-        for s in detector_specs
-    ]
-    names = [d.name for d in dets]
-    if len(set(names)) != len(names):
-        from stemforge.core.errors import ConfigurationError
+def _write_calibration(file: str, calibration, out: str | None) -> Path:  # noqa: ANN001 - Calibration
+    if out is None:
+        from stemforge.datasets.io import write_calibration
 
-        raise ConfigurationError(f"detectors share a name: {names}", "give each --detector once")
-    images = virtual_images(cube, dets, follow_origin=centered)
-    results.update(zip(names, images, strict=True))
-    return results
+        return write_calibration(file, calibration)
+    from stemforge.core.atomic import atomic_output
+
+    with atomic_output(out) as tmp:
+        tmp.write_text(calibration.to_json())
+    return Path(out)
+
+
+# ---- demo -----------------------------------------------------------------------------------
+@click.command()
+@click.option("--input", "input_file", required=True, help="A datacube in any supported format.")
+@click.option("--out", "out_dir", default="demo_out", show_default=True, help="Folder for the outputs.")
+@scan_shape_option
+def demo(input_file: str, out_dir: str, scan_shape: str | None) -> None:
+    """Open a datacube, calibrate its origin, and write virtual images and a summary."""
+    from stemforge.infer.demo import run_demo
+
+    for path in run_demo(input_file, out_dir, scan_shape=_scan_shape(scan_shape)):
+        click.echo(f"wrote {path}")

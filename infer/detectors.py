@@ -7,7 +7,6 @@ so the same detector can sit at one fixed origin or follow a per-pattern origin.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +178,3 @@ def parse_detector(
         "use bf, bf:R, adf, adf:R0,R1, annulus:R0,R1, circle:QX,QY,R or MASK.npy",
     )
 
-
-def safe_name(name: str) -> str:
-    """A detector name usable in a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -16,7 +16,7 @@ from scipy import ndimage
 from stemforge.core.datacube import DataCube, require_finite
 from stemforge.core.errors import ConfigurationError, InvalidDataError
 from stemforge.core.progress import track
-from stemforge.infer.detectors import Detector
+from stemforge.infer.detectors import Detector, parse_detector
 
 #: Patterns per product: ~2 MB of float32 stays in cache while every mask passes over it.
 _INNER_BYTES = 2 * 2**20
@@ -252,3 +252,37 @@ def sample_patterns(cube: DataCube, count: int = 64) -> np.ndarray:
 
         picks = dask.compute(*picks)
     return np.mean([np.asarray(p, float) for p in picks], axis=0)
+
+
+def virtual_from_specs(
+    cube: DataCube,
+    detector_specs: Sequence[str],
+    *,
+    units: str = "px",
+    centered: bool = False,
+    pattern: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Virtual images (and a virtual diffraction pattern) by name, from command-line specs.
+
+    Bare ``bf`` and ``adf`` take the bright-field disk measured on a sample of the patterns;
+    ``centered`` needs a calibrated per-pattern origin. See :func:`parse_detector`.
+    """
+    results = {}
+    if pattern is not None:
+        results[pattern] = virtual_diffraction(cube, pattern)
+    if not detector_specs:
+        return results
+    bf_radius = max_radius = None
+    if any(spec.strip().lower() in ("bf", "adf") for spec in detector_specs):
+        _, _, bf_radius = estimate_bright_field(sample_patterns(cube))
+        ox, oy = default_origin(cube)
+        max_radius = min(ox, oy, cube.shape[2] - 1 - ox, cube.shape[3] - 1 - oy)
+    detectors = [
+        parse_detector(s, units=units, calibration=cube.calibration, bf_radius=bf_radius, max_radius=max_radius)
+        for s in detector_specs
+    ]
+    names = [d.name for d in detectors]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"detectors share a name: {names}", "give each --detector once")
+    results.update(zip(names, virtual_images(cube, detectors, follow_origin=centered), strict=True))
+    return results
