@@ -1,0 +1,100 @@
+"""`stemforge calibrate` and the demo, end to end on synthetic truth and on real data."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from stemforge.core.cli import cli
+from stemforge.datasets.io import read_datacube
+from stemforge.infer.origin import find_origin, synthetic_disk
+
+DATA = Path(__file__).parent / "data"
+
+
+def drifting_cube(scan=(6, 5), q=48, radius=5.0, ring=None):
+    """Patterns of a disk whose centre drifts as a plane over the scan, plus an optional ring."""
+    rx, ry = np.meshgrid(np.arange(scan[0]), np.arange(scan[1]), indexing="ij")
+    qx0 = 22.3 + 0.31 * rx - 0.12 * ry
+    qy0 = 24.9 - 0.07 * rx + 0.22 * ry
+    data = np.empty((*scan, q, q), np.float32)
+    qx, qy = np.meshgrid(np.arange(q), np.arange(q), indexing="ij")
+    for i in range(scan[0]):
+        for j in range(scan[1]):
+            data[i, j] = 100 * synthetic_disk((q, q), (qx0[i, j], qy0[i, j]), radius)
+            if ring is not None:
+                a, b, theta, r0 = ring
+                u = (qx - qx0[i, j]) * math.cos(theta) + (qy - qy0[i, j]) * math.sin(theta)
+                v = -(qx - qx0[i, j]) * math.sin(theta) + (qy - qy0[i, j]) * math.cos(theta)
+                rho = np.hypot(u / a, v / b)  # the ring has semi-axes a·r0 and b·r0
+                data[i, j] += 5 * np.exp(-0.5 * ((rho - r0) / 1.2) ** 2)
+    return data, qx0, qy0
+
+
+def test_calibrate_writes_a_sidecar_with_the_true_origin(tmp_path):
+    data, qx0, qy0 = drifting_cube()
+    path = tmp_path / "cube.npy"
+    np.save(path, data)
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--energy", "300e3", "--report", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    cube = read_datacube(path)
+    # Noise-free antialiased disks: COM is exact to ~0.002 px and the plane model is exact.
+    np.testing.assert_allclose(cube.calibration.qx0, qx0, atol=0.02)
+    np.testing.assert_allclose(cube.calibration.qy0, qy0, atol=0.02)
+    assert cube.calibration.energy == 300e3
+    assert (tmp_path / "rep" / "origin.png").is_file()
+
+
+def test_calibrate_ring_gives_ellipse_and_q_pixel_size(tmp_path):
+    # Ring of radius 16 px stretched 3% along 25°, standing for d = 2.0 Å.
+    a, b, theta = 1.03, 1.0, math.radians(25)
+    data, _, _ = drifting_cube(scan=(3, 3), q=64, ring=(a, b, theta, 16.0))
+    path = tmp_path / "ring.npy"
+    np.save(path, data)
+    out = tmp_path / "cal.json"
+    args = ["calibrate", str(path), "--fit", "constant", "--ring", "11,22", "--known-spacing", "2.0", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    cal = json.loads(out.read_text())
+    fa, fb, ftheta = cal["ellipse"]
+    # The drift blurs the mean ring by ~0.6 px, equally in all directions: a/b and θ survive.
+    assert fa / fb == pytest.approx(a / b, abs=0.002)
+    assert math.degrees(ftheta) == pytest.approx(25.0, abs=1.0)
+    # q = 1/d over the major semi-axis a·r0 = 16.48 px; the ring's radial centroid sits within
+    # ~0.05 px of the Gaussian's centre, so 0.5% holds.
+    assert cal["q_pixel_size"] == pytest.approx(1 / (2.0 * 16.0 * a), rel=0.005)
+    assert cal["q_units"] == "A^-1"
+    assert not (tmp_path / "ring.npy.calibration.json").exists()
+
+
+def test_calibrate_errors(tmp_path):
+    data, _, _ = drifting_cube(scan=(2, 2))
+    path = tmp_path / "c.npy"
+    np.save(path, data)
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--method", "xcorr"])
+    assert result.exit_code != 0 and "--probe" in str(result.exception)
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--known-spacing", "2.0"])
+    assert "--ring" in str(result.exception)
+    assert not (tmp_path / "c.npy.calibration.json").exists()
+
+
+def test_demo_on_real_precession_data(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--input", str(DATA / "blockfile" / "test1.blo"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("bf.png", "adf.png", "mean.png", "max.png", "origin.png", "calibration.json", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shape (Rx, Ry, Qx, Qy)"] == [3, 2, 144, 144]
+    # Independent check of the origin on real data: Friedel symmetry of the Bragg pattern
+    # agrees with the centre of mass of the central disk to a fraction of a pixel.
+    cube = read_datacube(DATA / "blockfile" / "test1.blo")
+    fx, fy = find_origin(cube, "friedel")
+    cal = json.loads((out / "calibration.json").read_text())
+    assert np.abs(np.asarray(cal["qx0"]) - fx).max() < 0.5
+    assert np.abs(np.asarray(cal["qy0"]) - fy).max() < 0.5
+    bf = np.load(out / "bf.npy")
+    assert bf.shape == (3, 2) and np.all(bf > 0)
