@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -90,6 +89,18 @@ def write_cube(path: Path, shape: tuple[int, ...], dtype: str) -> None:
             arr[i : i + 4] = rng.integers(0, 1000, (min(4, shape[0] - i), *shape[1:])).astype(dtype)
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process, bytes.
+
+    Read from /proc (VmHWM): ``getrusage``'s ru_maxrss survives ``exec`` on Linux and would
+    report the parent's peak in a freshly started child.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(mode: str, path: str, cap: int) -> None:
     """One out-of-core measurement in this process; prints JSON."""
     t0 = time.perf_counter()
@@ -113,7 +124,7 @@ def child(mode: str, path: str, cap: int) -> None:
         virtual_images(cube, detectors(cube.shape[2]))
         nbytes = cube.nbytes
     elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss()
     print(json.dumps({"seconds": elapsed, "peak_rss": peak, "GB": nbytes / 1e9}))
 
 
@@ -125,7 +136,10 @@ def out_of_core(scratch: Path, cap: int, shape: tuple[int, ...], dtype: str) -> 
         for mode in ("numpy", "stemforge"):
             env = dict(os.environ, STEMFORGE_PROGRESS="0")
             cmd = [sys.executable, __file__, "--child", mode, str(path), str(cap)]
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if run.returncode:
+                raise RuntimeError(f"{mode} on {path.name} failed:\n{run.stderr}")
+            result = json.loads(run.stdout)
             rows.append({"format": suffix, "mode": mode, **result})
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return rows
@@ -189,13 +203,13 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
     os.environ.setdefault("STEMFORGE_PROGRESS", "0")
-    cap = args.cap_mb * 2**20
+    cap = (8 if args.quick else args.cap_mb) * 2**20
     q = 128
     mem_shape = (32, 32, q, q) if args.quick else (128, 128, q, q)
     mem = [in_memory(mem_shape, dtype) for dtype in ("uint16", "float32")]
-    # at least 4× the cap, in uint16
-    n_rows = int(np.ceil(4 * cap / (128 * q * q * 2))) if not args.quick else 8
-    ooc_shape = (n_rows, 128, q, q) if not args.quick else (n_rows, 16, q, q)
+    ry = 16 if args.quick else 128
+    n_rows = int(np.ceil(4 * cap / (ry * q * q * 2)))  # at least 4× the cap, in uint16
+    ooc_shape = (n_rows, ry, q, q)
     scratch = HERE / "_scratch"
     scratch.mkdir(exist_ok=True)
     try:
