@@ -112,3 +112,63 @@ def q_to_inv_angstrom(value: float, units: str, energy: float | None = None) -> 
             )
         return float(mrad_to_inv_angstrom(value, energy))
     raise CalibrationError("reciprocal-space size is in pixels, not a frequency", "calibrate Q first")
+
+
+# ---- unit spellings found in files ---------------------------------------------------------
+# Files write units in many spellings ('nm', '1 / nm', 'Å', 'µm', '[n_m^-1]'...); these map a
+# spelling onto the units above, with factors for the few that stemforge never uses itself.
+
+#: Length spellings core does not know → (unit core knows, factor to it).
+_EXTRA_LENGTHS = {"um": ("nm", 1e3), "pm": ("A", 1e-2), "m": ("nm", 1e9)}
+#: Same for reciprocal lengths and angles.
+_EXTRA_RECIPROCAL = {
+    "um^-1": ("nm^-1", 1e-3),
+    "pm^-1": ("A^-1", 1e2),
+    "m^-1": ("nm^-1", 1e-9),
+    "rad": ("mrad", 1e3),
+}
+_PIXELS = ("", "1", "px", "pixel", "pixels", "<undefined>", "undefined", "none")
+
+
+def _spelling(unit: object) -> str:
+    text = "" if unit is None else str(unit)
+    text = text.strip().strip("[]").replace(" ", "").replace("_", "")
+    text = text.replace("\u03bc", "u").replace("\u00b5", "u")  # Greek mu and micro sign
+    if text.startswith("1/"):
+        text = f"{text[2:]}^-1"
+    elif text.endswith("-1") and "^" not in text:
+        text = f"{text[:-2]}^-1"
+    return text.replace("Å", "A").replace("angstrom", "A")
+
+
+def length_to_angstrom(scale: float, unit: object) -> tuple[float, str]:
+    """A real-space step in any length unit → ``(step in Å, 'A')``.
+
+    Unknown or dimensionless units give ``(1.0, 'pixels')``: the axis is uncalibrated.
+    """
+    text = _spelling(unit)
+    if text.lower() in _PIXELS:
+        return 1.0, "pixels"
+    if text in _EXTRA_LENGTHS:
+        text, factor = _EXTRA_LENGTHS[text]
+        scale = scale * factor
+    if text not in ("A", "nm"):
+        return 1.0, "pixels"
+    return float(r_to_angstrom(float(scale), text)), "A"
+
+
+def reciprocal_to_calibration(scale: float, unit: object) -> tuple[float, str]:
+    """A detector step in a reciprocal length or angle → ``(step, 'A^-1' or 'mrad')``.
+
+    Unknown units (including lengths on a viewing screen, as blockfiles store) give
+    ``(1.0, 'pixels')``.
+    """
+    text = _spelling(unit)
+    if text in _EXTRA_RECIPROCAL:
+        text, factor = _EXTRA_RECIPROCAL[text]
+        scale = scale * factor
+    if text == "mrad":
+        return float(scale), "mrad"
+    if text not in ("A^-1", "nm^-1"):
+        return 1.0, "pixels"
+    return float(q_to_inv_angstrom(float(scale), text)), "A^-1"
