@@ -1,5 +1,7 @@
 """Format dispatch, errors, memory budget and calibration sidecars."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,14 @@ def test_unknown_extension_lists_the_supported_formats(tmp_path):
     with pytest.raises(FileFormatError, match=r"unknown file type '\.tif'") as err:
         read_datacube(tmp_path / "scan.tif")
     assert all(key in str(err.value) for key in SUPPORTED_FORMATS)
+
+
+def test_hdf5_files_without_a_datacube_say_what_they_hold():
+    data = Path(__file__).parent / "data"
+    with pytest.raises(FileFormatError, match=r"braggpeaks_cal_raw \(PointListArray\)"):
+        read_datacube(data / "py4dstem" / "braggdisks_cali.h5")
+    with pytest.raises(FileFormatError, match="test_00_master.h5"):
+        read_datacube(data / "arina" / "test_00.h5")
 
 
 def test_writer_refuses_unknown_extensions_and_writes_nothing(tmp_path):

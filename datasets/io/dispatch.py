@@ -47,7 +47,19 @@ _HDF5 = (".h5", ".hdf5", ".emd", ".hdf")
 
 
 def _formats_list(formats: dict[str, str]) -> str:
-    return "; ".join(f"{k}: {v}" for k, v in formats.items())
+    return ", ".join(formats)
+
+
+def _hdf5_contents(f: Any) -> str:
+    """Top-level groups of an HDF5 file and what they hold, for error messages."""
+    items = []
+    for name, obj in f.items():
+        if hasattr(obj, "keys"):
+            inner = (f"{k} ({obj[k].attrs.get('py4dstem_class', 'group')})" for k in obj)
+            items.append(f"{name}/: {', '.join(inner) or 'empty'}")
+        else:
+            items.append(name)
+    return "; ".join(items) or "nothing"
 
 
 def _split(path: str | Path) -> tuple[Path, str | None]:
@@ -64,6 +76,12 @@ def _read_hdf5(
 ) -> tuple[Any, Calibration, dict]:
     with open_h5(path) as f:
         emd1, prismatic, arina = is_emd1(f), is_prismatic(f), "entry/data" in f
+        arina_scan, contents = "STEM Metadata" in f, _hdf5_contents(f)
+    if arina_scan:
+        raise FileFormatError(
+            f"{path} is the scan metadata of a Dectris Arina acquisition, without the frames",
+            f"open the matching master file ({path.stem}_master.h5); it reads this file for the scan shape",
+        )
     if emd1:
         return read_emd(path, select=select, lazy=lazy, memory_budget=budget)
     if prismatic:
@@ -71,8 +89,9 @@ def _read_hdf5(
     if arina:
         return read_arina(path, scan_shape=scan_shape, lazy=lazy, memory_budget=budget)
     raise FileFormatError(
-        f"{path} is an HDF5 file stemforge does not know: not EMD 1.0/py4DSTEM, Prismatic or a Dectris Arina master",
-        f"convert it to one of: {_formats_list(SUPPORTED_FORMATS)}",
+        f"{path} holds no datacube stemforge knows (not EMD 1.0/py4DSTEM ≥ 0.14, Prismatic or a "
+        f"Dectris Arina master); it contains {contents}",
+        "give a file with a 4D datacube, e.g. re-saved with py4DSTEM ≥ 0.14 or as .npy/.zarr",
     )
 
 
