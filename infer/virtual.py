@@ -181,7 +181,10 @@ def _virtual_images_dask(
     result = data.map_blocks(
         kernel, dtype=np.float64, drop_axis=(2, 3), new_axis=2, chunks=(*data.chunks[:2], (len(detectors),))
     )
-    with dask_progress("virtual images"):
+    from threadpoolctl import threadpool_limits
+
+    # Dask already runs one chunk per core: BLAS threads on top would oversubscribe them.
+    with dask_progress("virtual images"), threadpool_limits(1):
         return np.asarray(result.compute())
 
 

@@ -100,3 +100,17 @@ def test_virtual_centered_uses_calibration_sidecar(cube_file, tmp_path):
     qx, qy = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
     np.testing.assert_allclose(np.load(out), data[..., np.hypot(qx - 6, qy - 9) < 2.5].sum(-1))
     assert json.loads((tmp_path / "cube.npy.calibration.json").read_text())["qx0"][0][0] == 6.0
+
+
+def test_nan_frames_stop_virtual_and_calibrate_before_any_output(tmp_path, monkeypatch, capsys):
+    data = np.ones((3, 2, 12, 12), np.float32)
+    data[2, 1, 5, 5] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, data)
+    code, io = run_main(["virtual", str(path), "-d", "bf:3", "--out", str(tmp_path / "bf.png")], monkeypatch, capsys)
+    assert code == 2 and "rx=2, ry=1" in io.err and "Fix:" in io.err
+    code, io = run_main(["calibrate", str(path)], monkeypatch, capsys)
+    assert code == 2 and "rx=2, ry=1" in io.err
+    code, io = run_main(["calibrate", str(path), "--q-pixel-size", "-0.01"], monkeypatch, capsys)
+    assert code == 2 and "q_pixel_size must be a positive" in io.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]

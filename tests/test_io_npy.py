@@ -110,3 +110,29 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_datacube(DataCube(Exploding()), tmp_path / "cube.npy")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lazy_reads_match_numpy_for_any_slice(tmp_path):
+    """Contiguous slices are read with one readinto, others through a memory map: both exact."""
+    from stemforge.datasets.io.lazy import NpySource, contiguous_selection
+    from stemforge.datasets.io.npy import read_npy_header
+
+    a = np.arange(4 * 3 * 5 * 6, dtype=">u2").reshape(4, 3, 5, 6)  # big-endian on purpose
+    np.save(tmp_path / "a.npy", a)
+    shape, dtype, _, offset = read_npy_header(tmp_path / "a.npy")
+    source = NpySource(tmp_path / "a.npy", shape, dtype, offset)
+    rng = np.random.default_rng(0)
+    contiguous = 0
+    for _ in range(500):
+        key = []
+        for axis in range(rng.integers(1, 5)):
+            start = rng.integers(0, shape[axis] + 1)
+            key.append(slice(start, rng.integers(start, shape[axis] + 1), rng.choice([None, 1, 2])))
+        key = tuple(key)
+        got = source[key]
+        assert got.dtype == a.dtype
+        np.testing.assert_array_equal(got, a[key])
+        contiguous += contiguous_selection(key, shape) is not None
+    assert 100 < contiguous < 400  # both paths exercised
+    assert contiguous_selection((slice(None), slice(1, 3)), shape) is None
+    assert contiguous_selection((slice(2, 3), slice(1, 3)), shape) == (2 * 90 + 30, (1, 2, 5, 6))

@@ -14,23 +14,65 @@ from typing import Any
 
 import numpy as np
 
+from stemforge.core.errors import FileFormatError
 from stemforge.datasets.io.memory import scan_chunks
+
+
+def contiguous_selection(key: Any, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """``(first element, shape)`` when ``key`` picks one contiguous run of a C-ordered array.
+
+    That holds for unit-step slices where every axis after the first partly selected one
+    is taken whole (how scan chunks cut a datacube); otherwise None.
+    """
+    key = key if isinstance(key, tuple) else (key,)
+    if len(key) > len(shape) or not all(isinstance(k, slice) for k in key):
+        return None
+    ranges = [k.indices(n) for k, n in zip(key, shape, strict=False)] + [(0, n, 1) for n in shape[len(key) :]]
+    if any(step != 1 or stop < start for start, stop, step in ranges):
+        return None
+    out_shape = tuple(stop - start for start, stop, _ in ranges)
+    if 0 in out_shape:
+        return 0, out_shape
+    partial = [i for i, (r, n) in enumerate(zip(out_shape, shape, strict=True)) if r != n]
+    # contiguous: single indices, then one range, then whole axes
+    if partial and any(out_shape[i] != 1 for i in range(partial[-1])):
+        return None
+    first = int(np.ravel_multi_index([start for start, _, _ in ranges], shape))
+    return first, out_shape
 
 
 @dataclass(frozen=True)
 class NpySource:
-    """Array-like view of a ``.npy`` file, read through a fresh memory map per slice."""
+    """Array-like view of a ``.npy`` file that reads each slice from disk when asked.
+
+    Contiguous slices (scan chunks) are read with one ``readinto`` into a fresh array:
+    no page faults and no mapped pages left counting against the process's memory. Other
+    selections go through a short-lived memory map. ``offset`` is the byte offset of the
+    data, None for Fortran-ordered files (always memory-mapped).
+    """
 
     path: Path
     shape: tuple[int, ...]
     dtype: np.dtype
+    offset: int | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return np.array(np.load(self.path, mmap_mode="r")[key])
+        run = None if self.offset is None else contiguous_selection(key, self.shape)
+        if run is None:
+            return np.array(np.load(self.path, mmap_mode="r")[key])
+        first, out_shape = run
+        out = np.empty(out_shape, self.dtype)
+        if out.size == 0:
+            return out
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + first * self.dtype.itemsize)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise FileFormatError(f"{self.path} ended early: it was truncated while open", "copy the file again")
+        return out
 
 
 @dataclass(frozen=True)

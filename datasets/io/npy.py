@@ -17,8 +17,9 @@ from stemforge.datasets.io.memory import copy_scan_rows, want_lazy
 FORMAT = "NumPy .npy"
 
 
-def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a ``.npy`` file, after checking that the file holds all its data.
+def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """Shape, dtype, Fortran order and data offset of a ``.npy`` file, after checking that
+    the file holds all its data.
 
     Raises
     ------
@@ -35,7 +36,7 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
                 if version == (1, 0)
                 else np.lib.format.read_array_header_2_0
             )
-            shape, _, dtype = read_header(f)
+            shape, fortran_order, dtype = read_header(f)
         except (ValueError, OSError, SyntaxError) as err:
             raise FileFormatError(
                 f"{path} is not a readable .npy file, it is corrupt or truncated ({err})", fix
@@ -54,7 +55,7 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             f"for a {dtype} array of shape {shape}",
             fix,
         )
-    return tuple(int(s) for s in shape), dtype
+    return tuple(int(s) for s in shape), dtype, bool(fortran_order), offset
 
 
 def read_npy(
@@ -68,14 +69,14 @@ def read_npy(
         The 3D or 4D array, an uncalibrated :class:`Calibration` (``.npy`` holds none; a
         sidecar may) and the metadata.
     """
-    shape, dtype = read_npy_header(path)
+    shape, dtype, fortran_order, offset = read_npy_header(path)
     if len(shape) not in (3, 4):
         raise ShapeError(
             f"{path} holds a {len(shape)}D array of shape {shape}",
             "save a 4D datacube (Rx, Ry, Qx, Qy) or a 3D stack of patterns (N, Qx, Qy)",
         )
     if want_lazy(math.prod(shape) * dtype.itemsize, lazy, memory_budget):
-        data = as_dask(NpySource(path, shape, dtype), file_token(path))
+        data = as_dask(NpySource(path, shape, dtype, None if fortran_order else offset), file_token(path))
     else:
         data = np.load(path, allow_pickle=False)
     return data, Calibration(), {"format": FORMAT}
