@@ -165,7 +165,7 @@ def test_truncated_and_foreign_hdf5_files(tmp_path):
         read_datacube(path)
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.zeros((2, 2, 2, 2))
-    with pytest.raises(FileFormatError, match="does not know"):
+    with pytest.raises(FileFormatError, match="holds no datacube stemforge knows"):
         read_datacube(tmp_path / "other.h5")
     with pytest.raises(MissingFileError):
         read_datacube(tmp_path / "absent.h5")
