@@ -52,6 +52,11 @@ def measure_origin(
         raise ConfigurationError(f"unknown drift model {drift!r}", f"use one of {list(DRIFT_ORDERS)}")
     options = {"mask": mask} if method == "friedel" and mask is not None else {}
     qx0, qy0 = find_origin(cube, method, template, **options)
+    if not np.isfinite(qx0).any():
+        raise CalibrationError(
+            f"{cube.name}: the origin could not be measured on any pattern (they look blank)",
+            "check the data (stemforge virtual FILE --pattern max); detectors without --centered sit at a fixed origin",
+        )
     order = DRIFT_ORDERS[drift]
     if order is not None:
         return qx0, qy0, fit_origin_drift(qx0, qy0, order=order)

@@ -40,14 +40,14 @@ def run_demo(input_file: str | Path, out_dir: str | Path, scan_shape: tuple[int,
         written.append(write_image(out_dir / f"{name}.png", image, log=log))
         written.append(write_image(out_dir / f"{name}.npy", image))
 
-    _, _, bf_radius = estimate_bright_field(result.mean_pattern)
+    disk = estimate_bright_field(result.mean_pattern)
     residual = np.hypot(result.drift.qx0_residual, result.drift.qy0_residual)
     summary = {
         "input": str(input_file),
         "shape (Rx, Ry, Qx, Qy)": list(cube.shape),
         "dtype": str(cube.dtype),
         "calibration": result.calibration.summary(),
-        "bright-field disk radius (px)": round(bf_radius, 3),
+        "bright-field disk radius (px)": None if disk is None else round(disk[2], 3),
         "origin residual from the drift fit, RMS (px)": round(float(np.sqrt(np.nanmean(residual**2))), 4),
         "outlier patterns (weight 0)": int(np.sum(result.drift.weights == 0)),
         "virtual images": {

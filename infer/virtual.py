@@ -130,8 +130,8 @@ def virtual_images(
         Centre the detectors on each pattern's calibrated origin (``cube.calibration.qx0``
         and ``qy0`` arrays) instead of one fixed origin.
     origin
-        The fixed origin (qx0, qy0) in pixels when not following; default: the calibrated
-        mean origin, or else the detector centre.
+        The fixed origin (qx0, qy0) in pixels when not following; default:
+        :func:`default_origin`.
     max_bytes
         Memory for one block of patterns when streaming.
 
@@ -189,9 +189,16 @@ def _virtual_images_dask(
 
 
 def default_origin(cube: DataCube) -> tuple[float, float]:
-    """The calibrated mean origin, or the detector centre if the origin is not calibrated."""
+    """Where fixed detectors sit when no origin is given.
+
+    The calibrated mean origin; else the centre of the bright-field disk measured on a
+    sample of patterns; else (blank or disk-less data) the detector centre.
+    """
     if cube.calibration.has_origin:
         return cube.calibration.mean_origin()
+    disk = estimate_bright_field(sample_patterns(cube))
+    if disk is not None:
+        return disk[0], disk[1]
     return (cube.shape[2] - 1) / 2, (cube.shape[3] - 1) / 2
 
 
@@ -230,19 +237,41 @@ def virtual_diffraction(cube: DataCube, mode: str = "mean", max_bytes: int = 64 
     return acc / (cube.shape[0] * cube.shape[1]) if mode == "mean" else acc
 
 
-def estimate_bright_field(pattern: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float]:
-    """Centre and radius (pixels) of the bright-field disk of a (mean) pattern.
+def estimate_bright_field(pattern: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float] | None:
+    """Centre and radius (pixels) of the bright-field disk of a (mean) pattern, or None.
 
     The disk is the connected region above ``threshold`` × the smoothed maximum that holds
     the brightest pixel; its radius is that of a circle of the same area, its centre the
-    intensity-weighted centroid.
+    intensity-weighted centroid. None when there is no such disk: a blank pattern, or a
+    bright region covering more than half the detector (flat or noise-only data).
     """
-    smooth = ndimage.gaussian_filter(np.asarray(pattern, float), 1.0)
+    pattern = np.asarray(pattern, float)
+    smooth = ndimage.gaussian_filter(pattern, 1.0)
     peak = np.unravel_index(np.argmax(smooth), smooth.shape)
+    if not smooth[peak] > 0:
+        return None
     labels, _ = ndimage.label(smooth > threshold * smooth[peak])
     disk = labels == labels[peak]
+    if disk.sum() > disk.size / 2:
+        return None
     qx0, qy0 = ndimage.center_of_mass(np.where(disk, pattern, 0.0))
     return float(qx0), float(qy0), float(np.sqrt(disk.sum() / np.pi))
+
+
+def bright_field_radius(cube: DataCube) -> float:
+    """Radius (pixels) of the bright-field disk: measured on a sample of patterns, or else
+    from the calibrated convergence semiangle and Q pixel size."""
+    disk = estimate_bright_field(sample_patterns(cube))
+    if disk is not None:
+        return disk[2]
+    cal = cube.calibration
+    if cal.convergence_semiangle and cal.q_units != "pixels" and (cal.energy or cal.q_units == "mrad"):
+        return cal.convergence_semiangle / cal.q_pixel_size_mrad
+    raise ConfigurationError(
+        f"{cube.name}: no bright-field disk found in a sample of the patterns (blank or flat data), "
+        "and no calibrated convergence semiangle to size it",
+        "give the radii yourself: bf:R, adf:R0,R1",
+    )
 
 
 def sample_patterns(cube: DataCube, count: int = 64) -> np.ndarray:
@@ -277,9 +306,16 @@ def virtual_from_specs(
         return results
     bf_radius = max_radius = None
     if any(spec.strip().lower() in ("bf", "adf") for spec in detector_specs):
-        _, _, bf_radius = estimate_bright_field(sample_patterns(cube))
+        bf_radius = bright_field_radius(cube)
+        # the default ADF takes everything beyond 2·r_bf, out to the farthest detector corner
         ox, oy = default_origin(cube)
-        max_radius = min(ox, oy, cube.shape[2] - 1 - ox, cube.shape[3] - 1 - oy)
+        max_radius = float(np.hypot(max(ox, cube.shape[2] - 1 - ox), max(oy, cube.shape[3] - 1 - oy))) + 1
+        if "adf" in (spec.strip().lower() for spec in detector_specs) and 2 * bf_radius >= max_radius:
+            raise ConfigurationError(
+                f"{cube.name}: the detector ends {max_radius:.1f} px from the origin, inside twice the "
+                f"bright-field radius ({bf_radius:.1f} px) where the default ADF starts",
+                "give the annulus yourself: adf:R0,R1 or annulus:R0,R1",
+            )
     detectors = [
         parse_detector(s, units=units, calibration=cube.calibration, bf_radius=bf_radius, max_radius=max_radius)
         for s in detector_specs

@@ -7,9 +7,12 @@ from stemforge.core import Calibration, DataCube
 from stemforge.core.errors import ConfigurationError, InvalidDataError, ShapeError
 from stemforge.infer.detectors import Detector, parse_detector
 from stemforge.infer.virtual import (
+    bright_field_radius,
+    default_origin,
     estimate_bright_field,
     sample_patterns,
     virtual_diffraction,
+    virtual_from_specs,
     virtual_images,
 )
 
@@ -130,6 +133,39 @@ def test_nan_frame_is_named(data):
     bad[3, 2, 0, 0] = np.inf
     with pytest.raises(InvalidDataError, match=r"rx=3, ry=2"):
         virtual_images(DataCube(bad), [parse_detector("bf:3")])
+
+
+def test_uncalibrated_detectors_centre_on_the_measured_disk():
+    pattern = disk_mask((40, 48), 28.4, 12.7, 0, 5.0) * 200.0 + 1.0
+    data = np.broadcast_to(pattern, (3, 2, 40, 48)).copy()
+    cube = DataCube(data)
+    assert default_origin(cube) == pytest.approx((28.4, 12.7), abs=0.1)
+    images = virtual_from_specs(cube, ["bf", "adf"])
+    # bf: the whole disk (r ≈ 5 px measured); adf: everything beyond 2·r_bf, to the corners.
+    assert images["bf"][0, 0] == pytest.approx(pattern[disk_mask((40, 48), 28.4, 12.7, 0, 5.0)].sum(), rel=0.05)
+    r_bf = estimate_bright_field(pattern)[2]
+    assert images["adf"][0, 0] == pytest.approx(pattern[~disk_mask((40, 48), 28.4, 12.7, 0, 2 * r_bf)].sum(), rel=0.01)
+
+
+def test_blank_data_needs_explicit_radii():
+    cube = DataCube(np.zeros((2, 2, 16, 16), np.uint16))
+    assert estimate_bright_field(cube.data[0, 0]) is None
+    assert default_origin(cube) == (7.5, 7.5)
+    with pytest.raises(ConfigurationError, match="no bright-field disk"):
+        virtual_from_specs(cube, ["bf"])
+    assert virtual_from_specs(cube, ["annulus:2,5"])["annulus_2-5px"].sum() == 0
+
+
+def test_bright_field_radius_falls_back_on_the_calibrated_semiangle():
+    flat = np.ones((2, 2, 12, 12), np.float32)  # a disk filling the detector: nothing to measure
+    cal = Calibration(q_pixel_size=0.5, q_units="mrad", convergence_semiangle=2.0)
+    cube = DataCube(flat, cal)
+    assert bright_field_radius(cube) == pytest.approx(4.0)
+    qx, qy = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+    assert virtual_from_specs(cube, ["bf"])["bf"][0, 0] == np.sum(np.hypot(qx - 5.5, qy - 5.5) < 4.0)
+    # with r_bf = 5 px the corners (7.8 px out, +1) lie inside 2·r_bf: no room for a default ADF
+    with pytest.raises(ConfigurationError, match="inside twice the bright-field radius"):
+        virtual_from_specs(DataCube(flat, cal.replace(convergence_semiangle=2.5)), ["adf"])
 
 
 def test_bright_field_estimate_on_a_disk():
