@@ -36,6 +36,12 @@ def test_unknown_extension_lists_the_supported_formats(tmp_path):
     assert all(key in str(err.value) for key in SUPPORTED_FORMATS)
 
 
+def test_archives_are_named_as_such(tmp_path):
+    (tmp_path / "scan.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(FileFormatError, match="archive.*Fix: extract it first"):
+        read_datacube(tmp_path / "scan.zip")
+
+
 def test_hdf5_files_without_a_datacube_say_what_they_hold():
     data = Path(__file__).parent / "data"
     with pytest.raises(FileFormatError, match=r"braggpeaks_cal_raw \(PointListArray\)"):

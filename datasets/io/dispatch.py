@@ -44,6 +44,7 @@ WRITABLE_FORMATS = {
 }
 
 _HDF5 = (".h5", ".hdf5", ".emd", ".hdf")
+_ARCHIVES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z")
 
 
 def _formats_list(formats: dict[str, str]) -> str:
@@ -112,6 +113,11 @@ def _read_raw(
         return _read_hdf5(path, select, scan_shape, lazy, budget)
     if suffix in PLUGINS:
         return read_rsciio(path, scan_shape=scan_shape, lazy=lazy, memory_budget=budget)
+    if suffix in _ARCHIVES:
+        raise FileFormatError(
+            f"{path} is an archive, not a datacube",
+            "extract it first (e.g. `unzip` or `tar xf`) and open the data file inside",
+        )
     raise FileFormatError(
         f"{path}: unknown file type {suffix or '(no extension)'!r}",
         f"use one of the supported formats: {_formats_list(SUPPORTED_FORMATS)}",
