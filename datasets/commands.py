@@ -16,7 +16,9 @@ PRESET_GROUP = "simulate"
 def available_presets() -> list[str]:
     """Names of the simulation presets shipped in ``stemforge.conf.simulate``."""
     folder = resources.files("stemforge.conf") / PRESET_GROUP
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and p.name != "base.yaml")
+    return sorted(
+        p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and p.name != "base.yaml"
+    )
 
 
 def compose_config(preset: str, overrides: list[str], *, require_out: bool = True):  # noqa: ANN201 - DictConfig
@@ -40,14 +42,19 @@ def compose_config(preset: str, overrides: list[str], *, require_out: bool = Tru
             "write overrides as key=value with keys of the preset (see `stemforge simulate PRESET --cfg`)",
         ) from exc
     if require_out and OmegaConf.is_missing(cfg, "out"):
-        raise ConfigurationError("no output folder given", f"add out=DIR, e.g. `stemforge simulate {preset} out=data/{preset}`")
+        raise ConfigurationError(
+            "no output folder given",
+            f"add out=DIR, e.g. `stemforge simulate {preset} out=data/{preset}`",
+        )
     return cfg
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("preset")
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-@click.option("--cfg", "show_config", is_flag=True, help="Print the resolved configuration and exit.")
+@click.option(
+    "--cfg", "show_config", is_flag=True, help="Print the resolved configuration and exit."
+)
 def simulate(preset: str, overrides: tuple[str, ...], show_config: bool) -> None:
     """Simulate a labelled training set (or a strain benchmark scan) with abTEM.
 

@@ -27,7 +27,9 @@ def contiguous_selection(key: Any, shape: tuple[int, ...]) -> tuple[int, tuple[i
     key = key if isinstance(key, tuple) else (key,)
     if len(key) > len(shape) or not all(isinstance(k, slice) for k in key):
         return None
-    ranges = [k.indices(n) for k, n in zip(key, shape, strict=False)] + [(0, n, 1) for n in shape[len(key) :]]
+    ranges = [k.indices(n) for k, n in zip(key, shape, strict=False)] + [
+        (0, n, 1) for n in shape[len(key) :]
+    ]
     if any(step != 1 or stop < start for start, stop, step in ranges):
         return None
     out_shape = tuple(stop - start for start, stop, _ in ranges)
@@ -71,7 +73,9 @@ class NpySource:
         with open(self.path, "rb") as f:
             f.seek(self.offset + first * self.dtype.itemsize)
             if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise FileFormatError(f"{self.path} ended early: it was truncated while open", "copy the file again")
+                raise FileFormatError(
+                    f"{self.path} ended early: it was truncated while open", "copy the file again"
+                )
         return out
 
 

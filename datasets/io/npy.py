@@ -76,7 +76,9 @@ def read_npy(
             "save a 4D datacube (Rx, Ry, Qx, Qy) or a 3D stack of patterns (N, Qx, Qy)",
         )
     if want_lazy(math.prod(shape) * dtype.itemsize, lazy, memory_budget):
-        data = as_dask(NpySource(path, shape, dtype, None if fortran_order else offset), file_token(path))
+        data = as_dask(
+            NpySource(path, shape, dtype, None if fortran_order else offset), file_token(path)
+        )
     else:
         data = np.load(path, allow_pickle=False)
     return data, Calibration(), {"format": FORMAT}
