@@ -45,6 +45,7 @@ class SimulationTask:
     max_residual_strain: float
     device: str
     seed: int
+    augment: Mapping[str, Any] | None = None
 
     @property
     def n_samples(self) -> int:
@@ -134,11 +135,17 @@ def plan_tasks(cfg: Mapping[str, Any]) -> list[SimulationTask]:
         raise ConfigurationError(f"n_patterns is {n_patterns}", "ask for at least one pattern")
     strategy = cfg["zone_axes"]["strategy"]
     if strategy not in ZONE_AXIS_STRATEGIES:
-        raise ConfigurationError(f"unknown zone-axis strategy {strategy!r}", f"use one of {ZONE_AXIS_STRATEGIES}")
+        raise ConfigurationError(
+            f"unknown zone-axis strategy {strategy!r}", f"use one of {ZONE_AXIS_STRATEGIES}"
+        )
     series = thickness_series(cfg["thickness"])
     n_tasks = math.ceil(n_patterns / len(series))
 
-    pairs = [(record.id, axis) for record in _structures(cfg, n_tasks) for axis in _feasible_axes(record, cfg)]
+    pairs = [
+        (record.id, axis)
+        for record in _structures(cfg, n_tasks)
+        for axis in _feasible_axes(record, cfg)
+    ]
     if not pairs:
         raise ConfigurationError(
             "no structure of the source fits the cell bounds along any zone axis",
@@ -166,7 +173,9 @@ def plan_tasks(cfg: Mapping[str, Any]) -> list[SimulationTask]:
                 energy=float(micro["energy"]),
                 semiangle=_draw(rng, micro["semiangle"]),
                 defocus=_draw(rng, micro["defocus"]),
-                aberrations=tuple(sorted((str(k), float(v)) for k, v in dict(micro["aberrations"]).items())),
+                aberrations=tuple(
+                    sorted((str(k), float(v)) for k, v in dict(micro["aberrations"]).items())
+                ),
                 n_pixels=int(detector["n_pixels"]),
                 q_pixel_size=float(detector["q_pixel_size"]),
                 phonons=int(cfg["phonons"]),
@@ -175,18 +184,24 @@ def plan_tasks(cfg: Mapping[str, Any]) -> list[SimulationTask]:
                 max_residual_strain=float(cfg["zone_axes"]["max_residual_strain"]),
                 device=str(cfg["device"]),
                 seed=int(rng.integers(2**31)),
+                augment=dict(cfg["augment"]) if cfg.get("augment") else None,
             )
         )
     return tasks
 
 
 def run_task(task: SimulationTask) -> list[Sample]:
-    """Simulate one task: one sample per thickness (runs on a Dask worker)."""
+    """Simulate one task: one sample per thickness (runs on a Dask worker).
+
+    With ``task.augment`` the samples are augmented at generation (dose, background,
+    distortion...; see :class:`~stemforge.simulate.augment.Augmenter`), seeded by the task.
+    """
+    from stemforge.simulate.augment import Augmenter
     from stemforge.simulate.pattern import simulate_patterns
     from stemforge.simulate.structures import get_structure
 
     record = get_structure(task.structure_id)
-    return simulate_patterns(
+    samples = simulate_patterns(
         record,
         task.zone_axis,
         thicknesses=task.thicknesses,
@@ -203,3 +218,7 @@ def run_task(task: SimulationTask) -> list[Sample]:
         seed=task.seed,
         device=task.device,
     )
+    if task.augment is None:
+        return samples
+    augmenter = Augmenter(task.augment, seed=task.seed)
+    return [augmenter(sample, index) for index, sample in enumerate(samples)]

@@ -1,5 +1,6 @@
 """The factory end to end: presets → plan → abTEM multislice → shards / strain scan on disk."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -126,3 +127,24 @@ def test_simulate_refuses_bad_presets_and_overrides(tmp_path):
     shown = runner.invoke(cli, ["simulate", "crystal_id", "--cfg"])
     assert shown.exit_code == 0 and "random_crystals" in shown.output
     assert not any(Path(tmp_path).iterdir()) and os.path.isdir(tmp_path)
+
+
+def test_augmentation_at_generation_is_seeded(tmp_path):
+    from stemforge.simulate.factory import run_task
+
+    cfg = compose_config(
+        "fcunet_small",
+        [f"out={tmp_path}", *SMALL[:2], "thickness={min:50.0,max:50.0,step:50.0}", "detector.n_pixels=48",
+         "detector.q_pixel_size=0.03", "structures.max_atoms=16",
+         "augment={dose: {p: 1.0, log10_dose: [6, 6]}, affine: null, background: null, blur: null, defects: null}"],
+    )
+    task = plan_tasks(cfg)[0]
+    clean = run_task(dataclasses.replace(task, augment=None))[0]
+    noisy = run_task(task)[0]
+    assert noisy.metadata["dose"] == pytest.approx(1e6)
+    assert np.array_equal(noisy.cbed, np.round(noisy.cbed))  # electron counts
+    # Poisson: total counts = dose × transmitted fraction within 5σ
+    expected = 1e6 * clean.cbed.sum()
+    assert abs(noisy.cbed.sum() - expected) < 5 * np.sqrt(expected)
+    assert np.array_equal(run_task(task)[0].cbed, noisy.cbed)
+    np.testing.assert_array_equal(noisy.target, clean.target)
