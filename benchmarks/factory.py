@@ -2,12 +2,16 @@
 
 Naive: for every pattern the whole supercell potential is built by ``abtem.Potential`` at
 0.05 Å sampling (1 Å slices) and ``Probe.multislice`` runs through it. The factory
-(:func:`stemforge.simulate.multislice.simulate_cbed`) builds one period on a coarse grid and
-runs its own FFT loop. Both on one CPU thread, Si, 300 kV, q_max = 2 Å⁻¹. The naive box is
+(:func:`stemforge.simulate.multislice.simulate_cbed`) plans a coarse grid and one period
+along the beam, then runs either engine: "abtem" (the default; ``abtem.CrystalPotential`` of
+the one-period potential and ``Probe.multislice``) or "fast" (an exact Fourier potential and
+a hand-written FFT loop). All on one CPU thread, Si, 300 kV, q_max = 2 Å⁻¹. The naive box is
 the factory's at one k-sample per detector pixel (``oversampling=1``) with abTEM's aperture
-edge, so the two patterns sample the same scattering vectors and the relative L2 measures the
+edge, so the patterns sample the same scattering vectors and the relative L2 measures the
 physics of the recipe; the factory's default (two samples per pixel, intensity edge) is timed
 too. Patterns/min count one thickness per pass (a thickness series costs the deepest one).
+Factory timings are the best of ``REPEATS`` after a warm-up on the same grid (FFTW plans are
+made once per grid shape); the naive run is timed once.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 SECTION = "factory"
 ENERGY = 300e3
+ENGINES = ("abtem", "fast")
+REPEATS = 1
 
 
 def si_cell(zone_axis):
@@ -51,17 +57,20 @@ def run_case(atoms, zone, thickness_nm, semiangle, n, naive: bool) -> dict:
     periods = max(1, round(thickness_nm * 10 / period))
     thickness = periods * period
     common = dict(energy=ENERGY, semiangle=semiangle, detector=detector, thicknesses=[thickness])
-    simulate_cbed(atoms, **{**common, "thicknesses": [5.0]})  # warm-up: imports, numba
-    t_default, _ = timed(lambda: simulate_cbed(atoms, **common), 2)
-    t_matched, matched = timed(
-        lambda: simulate_cbed(atoms, **common, oversampling=1, aperture_edge="amplitude"), 2
-    )
-    row = {
-        "case": f"Si {zone} {thickness_nm:g} nm, {semiangle:g} mrad, {n}²",
-        "grid": "×".join(map(str, matched.grid.gpts)),
-        "default_per_min": 60 / t_default,
-        "matched_per_min": 60 / t_matched,
-    }
+    row = {"case": f"Si {zone} {thickness_nm:g} nm, {semiangle:g} mrad, {n}²"}
+    matched = {}
+    for engine in ENGINES:
+        run = dict(common, engine=engine)
+        same_box = dict(run, oversampling=1, aperture_edge="amplitude")
+        # warm-up on each grid: imports and FFTW plans, made once per grid shape in a worker
+        for warm in (run, same_box):
+            simulate_cbed(atoms, **{**warm, "thicknesses": [5.0]})
+        t_default, _ = timed(lambda run=run: simulate_cbed(atoms, **run), REPEATS)
+        t_matched, matched[engine] = timed(
+            lambda same_box=same_box: simulate_cbed(atoms, **same_box), REPEATS
+        )
+        row[engine] = {"default_per_min": 60 / t_default, "matched_per_min": 60 / t_matched}
+    row["grid"] = "×".join(map(str, matched["abtem"].grid.gpts))
     if naive:
         start = time.perf_counter()
         reference = reference_cbed(
@@ -70,15 +79,16 @@ def run_case(atoms, zone, thickness_nm, semiangle, n, naive: bool) -> dict:
             semiangle=semiangle,
             detector=detector,
             periods=periods,
-            tiling=matched.grid.tiling,
+            tiling=matched["abtem"].grid.tiling,
         )
         t_naive = time.perf_counter() - start
-        pattern = matched.patterns[0]
-        row.update(
-            naive_per_min=60 / t_naive,
-            speedup=t_naive / t_matched,
-            l2=float(np.linalg.norm(pattern - reference) / np.linalg.norm(reference)),
-        )
+        row["naive_per_min"] = 60 / t_naive
+        for engine in ENGINES:
+            pattern = matched[engine].patterns[0]
+            row[engine].update(
+                speedup=row[engine]["matched_per_min"] / row["naive_per_min"],
+                l2=float(np.linalg.norm(pattern - reference) / np.linalg.norm(reference)),
+            )
     print(row, flush=True)
     return row
 
@@ -91,24 +101,36 @@ def render(rows: list[dict], command: str) -> str:
         f"Measured by `{command}` on {platform.machine()}, {os.cpu_count()} cores, one thread "
         f"each, Python {platform.python_version()}, NumPy {np.__version__}. Si, 300 kV, "
         "q_max = 2 Å⁻¹. Naive: abTEM `Potential` of the whole supercell at 0.05 Å (1 Å slices) "
-        "and `Probe.multislice` per pattern. Factory *matched*: the same box (one k-sample per "
-        "detector pixel) and abTEM's aperture edge, so the relative L2 between the two measures "
-        "the recipe (coarse grid with an antialiasing cutoff of 4 Å⁻¹ + 2 probe radii, ~2 Å slices, exact Fourier "
-        "potential). Factory *default*: two k-samples per pixel and the intensity-ramp aperture "
-        "edge (the vacuum disk within 0.5 % of its radius); a thickness series costs as much as "
-        "its deepest pattern.",
+        "and `Probe.multislice` per pattern, timed once. Factory engines on the planned grid "
+        "(antialiasing cutoff 4 Å⁻¹ + 2 probe radii, ~2 Å slices, one period built once): "
+        "*abtem* (default) is `abtem.CrystalPotential` of the one-period `abtem.Potential` and "
+        "`Probe.multislice`; *fast* is the exact Fourier potential with a hand-written FFT "
+        "loop (also the fallback for oblique cells). *Matched*: the naive box (one k-sample "
+        "per detector pixel) and abTEM's aperture edge, so the relative L2 against naive "
+        "measures the recipe. *Default*: two k-samples per pixel and the intensity-ramp "
+        f"aperture edge. Factory timings: best of {REPEATS} after a warm-up on the same grid "
+        "(FFTW plans, made once per grid shape in a worker). A thickness "
+        "series costs as much as its deepest pattern.",
         "",
-        "| case | factory grid (matched) | naive patterns/min | factory matched patterns/min "
-        "| speed-up (target ≥ 20) | rel. L2 (target ≤ 3 %) | factory default patterns/min |",
-        "|---|---|---|---|---|---|---|",
+        "| case | grid (matched) | naive patterns/min "
+        "| abtem matched patterns/min | abtem speed-up (target ≥ 20) | abtem rel. L2 (≤ 3 %) "
+        "| fast matched patterns/min | fast speed-up | fast rel. L2 "
+        "| abtem default patterns/min | fast default patterns/min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         naive = f"{r['naive_per_min']:.2f}" if "naive_per_min" in r else "—"
-        speed = f"**{r['speedup']:.0f}×**" if "speedup" in r else "—"
-        l2 = f"**{100 * r['l2']:.2f} %**" if "l2" in r else "—"
+        cells = []
+        for engine in ENGINES:
+            e = r[engine]
+            cells += [
+                f"{e['matched_per_min']:.1f}",
+                f"**{e['speedup']:.0f}×**" if "speedup" in e else "—",
+                f"**{100 * e['l2']:.2f} %**" if "l2" in e else "—",
+            ]
+        defaults = [f"{r[engine]['default_per_min']:.1f}" for engine in ENGINES]
         lines.append(
-            f"| {r['case']} | {r['grid']} | {naive} | {r['matched_per_min']:.1f} | {speed} | {l2} "
-            f"| {r['default_per_min']:.1f} |"
+            f"| {r['case']} | {r['grid']} | {naive} | " + " | ".join(cells + defaults) + " |"
         )
     lines.append(f"<!-- {SECTION}:end -->")
     return "\n".join(lines)

@@ -101,6 +101,7 @@ def build_strain_scan(config: dict[str, Any]) -> Path:
             phonons=int(config["phonons"]),
             seed=int(config["seed"]),
             device=str(config["device"]),
+            engine=str(config["engine"]),
         )[0]
         return sample.cbed
 

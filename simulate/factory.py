@@ -45,6 +45,7 @@ class SimulationTask:
     max_residual_strain: float
     device: str
     seed: int
+    engine: str = "abtem"
     augment: Mapping[str, Any] | None = None
 
     @property
@@ -184,6 +185,7 @@ def plan_tasks(cfg: Mapping[str, Any]) -> list[SimulationTask]:
                 max_residual_strain=float(cfg["zone_axes"]["max_residual_strain"]),
                 device=str(cfg["device"]),
                 seed=int(rng.integers(2**31)),
+                engine=str(cfg.get("engine", "abtem")),
                 augment=dict(cfg["augment"]) if cfg.get("augment") else None,
             )
         )
@@ -217,6 +219,7 @@ def run_task(task: SimulationTask) -> list[Sample]:
         max_residual_strain=task.max_residual_strain,
         seed=task.seed,
         device=task.device,
+        engine=task.engine,
     )
     if task.augment is None:
         return samples

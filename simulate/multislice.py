@@ -11,13 +11,16 @@ The recipe (see the field notes):
 - The potential of one period along the beam is built once, on the grid of one cell, and
   tiled; the thickness series comes from one pass, recording the pattern after any slice.
 
-The potential is synthesised in Fourier space from the atoms' projected scattering factors
-(abTEM's parametrisations, default Lobato) and exact structure factors, each atom wholly in
-the slice that holds its centre (abTEM's "infinite" projection). Doing this here rather than
-through abTEM's ``Potential`` keeps the cell free to be oblique (sheared or rotated by an
-applied strain) and computes the Fourier coefficients exactly instead of spreading atoms
-onto the grid. Steps follow abTEM's conventional multislice: transmit by the band-limited
-``exp(iσV)``, then Fresnel-propagate with the antialiasing aperture.
+Two engines run that plan. "abtem" (the default) is abTEM itself: ``abtem.Potential`` of one
+period (infinite projection) repeated by ``abtem.CrystalPotential``, ``Probe.multislice``
+with exit planes. "fast" synthesises the potential in Fourier space from the atoms'
+projected scattering factors (abTEM's parametrisations, default Lobato) and exact structure
+factors, each atom wholly in the slice that holds its centre, and runs its own FFT loop
+with abTEM's steps (transmit by the band-limited ``exp(iσV)``, then Fresnel-propagate with
+the antialiasing aperture). It computes the Fourier coefficients exactly instead of
+spreading atoms onto the grid, and keeps the cell free to be oblique (sheared or rotated by
+an applied strain), which abTEM's potentials are not: such cells, and mistilts, fall back
+to "fast" (:func:`engine_for`).
 
 Everything on the simulation grid is in FFT order: axis 0 along the cell's first lateral
 vector, axis 1 along the second (x and y for an orthogonal cell).
@@ -25,7 +28,9 @@ vector, axis 1 along the second (x and y for an orthogonal cell).
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -566,12 +571,15 @@ class CBEDSeries:
         Simulated thicknesses (Å), whole slices: each requested one rounded to the nearest.
     grid
         The simulation grid used.
+    engine
+        The engine that ran: 'abtem' or 'fast' (see :func:`engine_for`).
     """
 
     patterns: np.ndarray
     probe: np.ndarray
     thicknesses: np.ndarray
     grid: SimulationGrid
+    engine: str
 
 
 def _backend(device: str):
@@ -600,6 +608,206 @@ def displaced(atoms: Atoms, sigma: float | dict[str, float], rng: np.random.Gene
     return out
 
 
+ENGINES = ("abtem", "fast")
+
+
+def engine_for(grid: SimulationGrid, engine: str, mistilt: tuple[float, float] | None) -> str:
+    """The engine that runs a simulation: ``engine``, or "fast" where abTEM cannot.
+
+    abTEM builds potentials on orthogonal cells, so a cell sheared or rotated in-plane (by an
+    applied strain) runs on the fast engine; so does a specimen mistilt, which the fast engine
+    applies in the propagator (abTEM's tilt belongs to the beam).
+    """
+    if engine not in ENGINES:
+        raise ConfigurationError(
+            f"engine must be one of {', '.join(ENGINES)}, got {engine!r}", "use 'abtem'"
+        )
+    if engine == "abtem" and (not grid.is_rectangular or any(mistilt or ())):
+        return "fast"
+    return engine
+
+
+@functools.cache
+def _intensity_edge_aperture():
+    """abTEM's soft ``Aperture`` with its ramp on the intensity, as :func:`probe_spectrum` has it."""
+    from abtem.transfer import Aperture
+
+    class IntensityEdgeAperture(Aperture):
+        def _evaluate_from_angular_grid(self, alpha, phi):
+            return super()._evaluate_from_angular_grid(alpha, phi) ** 0.5
+
+    return IntensityEdgeAperture
+
+
+def _phonon_seeds(seed: int, n: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.random.default_rng(seed).integers(0, 2**31 - 1, n))
+
+
+def abtem_intensity(
+    atoms: Atoms,
+    grid: SimulationGrid,
+    exits: list[int],
+    *,
+    energy: float,
+    semiangle: float,
+    aberrations: dict[str, float],
+    probe_position: tuple[float, float],
+    aperture_edge: str,
+    phonons: int,
+    phonon_sigma: float | dict[str, float],
+    seed: int,
+    parametrization: str,
+    device: str,
+    threads: int,
+) -> np.ndarray:
+    """Diffraction intensities after slices ``exits`` by abTEM's own multislice.
+
+    The potential of one period is built once (``abtem.Potential``, infinite projection, on
+    the grid of ``grid``) and repeated by ``abtem.CrystalPotential``: laterally by the tiling
+    and along the beam as often as the deepest exit needs; exit planes (slice indices) give
+    the whole series from one pass. Static: the unit is one cell, tiled (a perfect crystal is
+    periodic). Frozen phonons: the unit is the whole lateral box, so no two tiles of a layer
+    move alike; each of the ``phonons`` runs draws its periods from its own pool of
+    ``phonons`` displaced boxes, as the fast engine does. Runs are averaged here
+    (``ensemble_mean=False``), not by abTEM. abTEM runs eagerly under dask's synchronous
+    scheduler (no nested parallelism inside a worker), FFTW with ``threads`` threads on the
+    CPU or CuPy on the GPU.
+
+    Returns
+    -------
+    np.ndarray
+        ``(len(exits), N1, N2)`` float32, fractions of the incident beam, FFT order.
+    """
+    import abtem
+    import dask
+
+    n_periods = -(-exits[-1] // grid.slices_per_period)
+    potential_kwargs = dict(
+        slice_thickness=grid.slice_thickness, projection="infinite", parametrization=parametrization
+    )
+    config = {"device": device, "dask.lazy": False}
+    if device == "cpu":
+        config.update({"fft": "fftw", "fftw.threads": threads})
+    with abtem.config.set(config), dask.config.set(scheduler="synchronous"):
+        if phonons:
+            box = atoms * (*grid.tiling, 1)
+            seeds = _phonon_seeds(seed, phonons)
+            pool = abtem.FrozenPhonons(
+                box, num_configs=phonons, sigmas=phonon_sigma, seed=seeds, ensemble_mean=False
+            )
+            crystal = abtem.CrystalPotential(
+                abtem.Potential(pool, gpts=grid.gpts, **potential_kwargs),
+                repetitions=(1, 1, n_periods),
+                num_frozen_phonons=phonons,
+                seeds=_phonon_seeds(seed + 1, phonons),
+                ensemble_mean=False,
+                exit_planes=tuple(c - 1 for c in exits),
+            )
+        else:
+            unit = abtem.Potential(atoms, gpts=grid.unit_gpts, **potential_kwargs).build()
+            crystal = abtem.CrystalPotential(
+                unit,
+                repetitions=(*grid.tiling, n_periods),
+                exit_planes=tuple(c - 1 for c in exits),
+            )
+        aperture = (
+            _intensity_edge_aperture()(semiangle_cutoff=semiangle)
+            if aperture_edge == "intensity"
+            else abtem.transfer.Aperture(semiangle_cutoff=semiangle)
+        )
+        probe = abtem.Probe(energy=energy, aperture=aperture, aberrations=aberrations)
+        with warnings.catch_warnings():
+            # ensemble_mean=False warns that it keeps the runs: intended, they are averaged below
+            warnings.filterwarnings("ignore", "ensemble_mean=False", UserWarning)
+            exit_waves = probe.multislice(crystal, scan=np.array([probe_position]))
+            patterns = exit_waves.diffraction_patterns(max_angle="full", fftshift=False)
+        array = patterns.array
+        array = array.get() if hasattr(array, "get") else np.asarray(array)
+    # axes: (frozen-phonon runs if any, exit planes, N1, N2); the one scan position is dropped
+    array = array.reshape(-1, len(exits), *grid.gpts).mean(axis=0)
+    return array.astype(np.float32)
+
+
+def fast_intensity(
+    atoms: Atoms,
+    grid: SimulationGrid,
+    exits: list[int],
+    *,
+    energy: float,
+    semiangle: float,
+    aberrations: dict[str, float],
+    probe_position: tuple[float, float],
+    aperture_edge: str,
+    mistilt: tuple[float, float] | None,
+    phonons: int,
+    phonon_sigma: float | dict[str, float],
+    seed: int,
+    parametrization: Any,
+    device: str,
+    threads: int,
+) -> np.ndarray:
+    """Diffraction intensities after slices ``exits`` by the hand-written multislice loop.
+
+    Works on oblique cells too. Returns ``(len(exits), N1, N2)`` float32, FFT order.
+    """
+    from abtem.core.energy import energy2sigma
+
+    xp = _backend(device)
+    wavelength = electron_wavelength(energy)
+    sigma = energy2sigma(energy)
+    n_periods = -(-exits[-1] // grid.slices_per_period)
+    steps = grid.reciprocal_steps
+    kx, ky = frequency_grid(steps, grid.gpts)
+    taper = ANTIALIAS_TAPER / max(grid.sampling)
+    aperture = antialias_aperture(np.hypot(kx, ky), grid.antialias_cutoff, taper)
+    fft_kwargs = {"workers": threads} if xp is np else None
+    if phonons:
+        box = atoms * (*grid.tiling, 1)
+        rng = np.random.default_rng(seed)
+        potentials = [
+            slice_potentials(
+                displaced(box, phonon_sigma, rng),
+                grid.cell * np.asarray(grid.tiling)[:, None],
+                grid.period,
+                grid.gpts,
+                grid.slices_per_period,
+                parametrization,
+            )
+            for _ in range(phonons)
+        ]
+        transmissions = xp.stack(
+            [transmission_functions(v, sigma, aperture, xp) for v in potentials]
+        )
+        sequences = rng.integers(0, phonons, size=(phonons, n_periods))
+    else:
+        unit_k = np.hypot(*frequency_grid(np.linalg.inv(grid.cell).T, grid.unit_gpts))
+        unit = slice_potentials(
+            atoms, grid.cell, grid.period, grid.unit_gpts, grid.slices_per_period, parametrization
+        )
+        unit_t = transmission_functions(
+            unit, sigma, antialias_aperture(unit_k, grid.antialias_cutoff, taper), xp
+        )
+        transmissions = xp.tile(unit_t, (1, *grid.tiling))[None]
+        sequences = np.zeros((1, n_periods), dtype=int)
+    spectrum = probe_spectrum(
+        kx, ky, steps, wavelength, semiangle, aberrations, probe_position, aperture_edge
+    )
+    propagator = (
+        fresnel_propagator(kx, ky, grid.slice_thickness, wavelength, mistilt or (0.0, 0.0))
+        * aperture
+    )
+    intensity = run_multislice(
+        xp.asarray(spectrum.astype(np.complex64)),
+        transmissions,
+        sequences,
+        xp.asarray(propagator.astype(np.complex64)),
+        exits,
+        xp=xp,
+        fft_kwargs=fft_kwargs,
+    )
+    return intensity.get() if xp is not np else intensity
+
+
 def simulate_cbed(
     atoms: Atoms,
     *,
@@ -619,6 +827,7 @@ def simulate_cbed(
     slice_thickness: float = 2.0,
     aperture_edge: str = "intensity",
     parametrization: str = "lobato",
+    engine: str = "abtem",
     device: str = "cpu",
     threads: int = 1,
 ) -> CBEDSeries:
@@ -653,16 +862,20 @@ def simulate_cbed(
         How the probe's edge is softened over a grid step, see :func:`probe_spectrum`.
     parametrization
         abTEM parametrisation of the atomic potentials ('lobato' or 'kirkland').
+    engine
+        'abtem': abTEM's ``CrystalPotential`` and ``Probe.multislice`` (:func:`abtem_intensity`);
+        'fast': the hand-written loop over an exact Fourier potential (:func:`fast_intensity`).
+        Both on the same grid, resampled alike. 'abtem' falls back to 'fast' where it cannot
+        run (see :func:`engine_for`); :attr:`CBEDSeries.engine` says which ran.
     device
         'cpu' or 'gpu' (CuPy).
     threads
         FFT and BLAS threads on the CPU.
     """
-    from abtem.core.energy import energy2sigma
     from abtem.parametrizations import validate_parametrization
     from threadpoolctl import threadpool_limits
 
-    xp = _backend(device)
+    _backend(device)
     thicknesses = np.atleast_1d(np.asarray(thicknesses, float))
     if thicknesses.size == 0 or not np.all(np.isfinite(thicknesses)) or np.any(thicknesses <= 0):
         raise ConfigurationError(
@@ -671,6 +884,11 @@ def simulate_cbed(
     if not semiangle > 0:
         raise ConfigurationError(
             f"the convergence semiangle must be > 0 mrad, got {semiangle!r}", "e.g. 2.0"
+        )
+    if aperture_edge not in ("intensity", "amplitude"):
+        raise ConfigurationError(
+            f"aperture edge must be 'intensity' or 'amplitude', got {aperture_edge!r}",
+            "use 'intensity'",
         )
     wavelength = electron_wavelength(energy)
     aberrations = validate_aberrations(aberrations)
@@ -688,68 +906,46 @@ def simulate_cbed(
             f"the probe ({semiangle} mrad) is larger than the detector reaches",
             "raise q_max or q_pixel_size, or lower the semiangle",
         )
-    parametrization = validate_parametrization(parametrization)
-    sigma = energy2sigma(energy)
+    engine = engine_for(grid, engine, mistilt)
     counts = np.maximum(1, np.rint(thicknesses / grid.slice_thickness).astype(int))
     exits = sorted(set(counts.tolist()))
-    n_periods = -(-exits[-1] // grid.slices_per_period)
-    steps = grid.reciprocal_steps
-    kx, ky = frequency_grid(steps, grid.gpts)
-    taper = ANTIALIAS_TAPER / max(grid.sampling)
-    aperture = antialias_aperture(np.hypot(kx, ky), grid.antialias_cutoff, taper)
-    fft_kwargs = {"workers": threads} if xp is np else None
-
+    common = dict(
+        energy=energy,
+        semiangle=semiangle,
+        aberrations=aberrations,
+        probe_position=probe_position,
+        aperture_edge=aperture_edge,
+        phonons=phonons,
+        phonon_sigma=phonon_sigma,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
     with threadpool_limits(limits=threads):
-        if phonons:
-            box = atoms * (*grid.tiling, 1)
-            rng = np.random.default_rng(seed)
-            potentials = [
-                slice_potentials(
-                    displaced(box, phonon_sigma, rng),
-                    grid.cell * np.asarray(grid.tiling)[:, None],
-                    grid.period,
-                    grid.gpts,
-                    grid.slices_per_period,
-                    parametrization,
-                )
-                for _ in range(phonons)
-            ]
-            transmissions = xp.stack(
-                [transmission_functions(v, sigma, aperture, xp) for v in potentials]
+        if engine == "abtem":
+            intensity = abtem_intensity(
+                atoms, grid, exits, parametrization=parametrization, **common
             )
-            sequences = rng.integers(0, phonons, size=(phonons, n_periods))
         else:
-            unit_k = np.hypot(*frequency_grid(np.linalg.inv(grid.cell).T, grid.unit_gpts))
-            unit = slice_potentials(
+            intensity = fast_intensity(
                 atoms,
-                grid.cell,
-                grid.period,
-                grid.unit_gpts,
-                grid.slices_per_period,
-                parametrization,
+                grid,
+                exits,
+                mistilt=mistilt,
+                parametrization=validate_parametrization(parametrization),
+                **common,
             )
-            unit_t = transmission_functions(
-                unit, sigma, antialias_aperture(unit_k, grid.antialias_cutoff, taper), xp
-            )
-            transmissions = xp.tile(unit_t, (1, *grid.tiling))[None]
-            sequences = np.zeros((1, n_periods), dtype=int)
+        kx, ky = frequency_grid(grid.reciprocal_steps, grid.gpts)
         spectrum = probe_spectrum(
-            kx, ky, steps, wavelength, semiangle, aberrations, probe_position, aperture_edge
+            kx,
+            ky,
+            grid.reciprocal_steps,
+            wavelength,
+            semiangle,
+            aberrations,
+            (0.0, 0.0),
+            aperture_edge,
         )
-        propagator = (
-            fresnel_propagator(kx, ky, grid.slice_thickness, wavelength, mistilt or (0.0, 0.0))
-            * aperture
-        )
-        intensity = run_multislice(
-            xp.asarray(spectrum.astype(np.complex64)),
-            transmissions,
-            sequences,
-            xp.asarray(propagator.astype(np.complex64)),
-            exits,
-            xp=xp,
-            fft_kwargs=fft_kwargs,
-        )
-        intensity = intensity.get() if xp is not np else intensity
         rebin = Rebinner(grid, detector)
         patterns = rebin(intensity)
         probe = rebin(np.abs(spectrum) ** 2)
@@ -759,6 +955,7 @@ def simulate_cbed(
         probe=probe / probe.sum(),
         thicknesses=counts * grid.slice_thickness,
         grid=grid,
+        engine=engine,
     )
 
 

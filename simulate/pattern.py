@@ -63,6 +63,7 @@ def simulate_patterns(
     oversampling: float = 2.0,
     min_cutoff: float = 4.0,
     parametrization: str = "lobato",
+    engine: str = "abtem",
 ) -> list[Sample]:
     """Simulate labelled CBED patterns of a crystal along a zone axis, one per thickness.
 
@@ -101,6 +102,10 @@ def simulate_patterns(
         'cpu' or 'gpu'; CPU threads for FFT and BLAS.
     oversampling, min_cutoff, parametrization
         Accuracy knobs of :func:`~stemforge.simulate.multislice.simulate_cbed`.
+    engine
+        'abtem' (abTEM's ``CrystalPotential`` and multislice) or 'fast' (the hand-written
+        loop). Oblique cells (shear strain, in-plane rotation) and mistilts run on 'fast'
+        whatever is asked; ``metadata["engine"]`` records the engine that ran.
 
     Returns
     -------
@@ -141,6 +146,7 @@ def simulate_patterns(
         oversampling=oversampling,
         min_cutoff=min_cutoff,
         parametrization=parametrization,
+        engine=engine,
         device=device,
         threads=threads,
     )
@@ -170,6 +176,7 @@ def simulate_patterns(
         "phonons": int(phonons),
         "phonon_sigma": (phonon_sigma if phonons else None),
         "disk_radius": disk_radius,
+        "engine": series.engine,
         "simulation": {
             "gpts": list(series.grid.gpts),
             "tiling": list(series.grid.tiling),

@@ -18,6 +18,7 @@ from stemforge.simulate.multislice import (
     simulate_cbed,
 )
 from stemforge.simulate.orientation import apply_strain, orient
+from stemforge.simulate.pattern import simulate_patterns
 
 ENERGY = 300e3
 
@@ -113,15 +114,12 @@ def test_vacuum_probe_on_the_detector(si001):
     assert relative_l2(probe, disk / disk.sum()) < 0.04
 
 
-def test_matches_naive_abtem_on_the_same_sampling(si001):
-    """Recipe (coarse grid, exact potential, ~2 Å slices) vs abTEM (0.05 Å, full supercell, 1 Å slices).
-
-    Same box, so the same k-samples, and abTEM's aperture edge: what differs is the physics.
-    """
+@pytest.fixture(scope="module")
+def naive_si001():
+    """Si [001], 300 kV, 3 mrad, 4.9 nm, 64²: both engines at one k-sample per pixel, naive abTEM."""
     detector = DetectorGrid.from_options(64, q_max=1.0)
-    periods = 9  # 4.9 nm
-    fast = simulate_cbed(
-        si001,
+    periods = 9
+    kwargs = dict(
         energy=ENERGY,
         semiangle=3.0,
         detector=detector,
@@ -129,22 +127,85 @@ def test_matches_naive_abtem_on_the_same_sampling(si001):
         oversampling=1,
         aperture_edge="amplitude",
     )
-    assert fast.grid.tiling == (6, 6)
+    atoms = orient(
+        Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]]), (0, 0, 1)
+    ).atoms
+    series = {engine: simulate_cbed(atoms, engine=engine, **kwargs) for engine in ("abtem", "fast")}
     reference = reference_cbed(
-        si001,
+        atoms,
         energy=ENERGY,
         semiangle=3.0,
         detector=detector,
         periods=periods,
-        tiling=fast.grid.tiling,
+        tiling=series["fast"].grid.tiling,
     )
-    assert relative_l2(fast.patterns[0], reference) <= 0.03
-    assert fast.patterns[0].sum() == pytest.approx(reference.sum(), abs=0.005)
+    return series, reference
+
+
+@pytest.mark.parametrize("engine", ["abtem", "fast"])
+def test_matches_naive_abtem_on_the_same_sampling(naive_si001, engine):
+    """Coarse grid, ~2 Å slices, one period repeated vs abTEM at 0.05 Å, full supercell, 1 Å slices.
+
+    Same box, so the same k-samples, and abTEM's aperture edge: what differs is the physics.
+    """
+    series, reference = naive_si001
+    result = series[engine]
+    assert result.engine == engine
+    assert result.grid.tiling == (6, 6)
+    assert relative_l2(result.patterns[0], reference) <= 0.03
+    assert result.patterns[0].sum() == pytest.approx(reference.sum(), abs=0.005)
+
+
+def test_engines_agree(naive_si001):
+    series, _ = naive_si001
+    assert relative_l2(series["abtem"].patterns, series["fast"].patterns) <= 0.03
+
+
+def test_abtem_thickness_series_from_one_pass_equals_single_runs(si110):
+    detector = DetectorGrid.from_options(64, q_max=1.5)
+    kwargs = dict(energy=ENERGY, semiangle=2.0, detector=detector, oversampling=1, engine="abtem")
+    series = simulate_cbed(si110, thicknesses=[40.0, 11.0, 25.0], **kwargs)
+    single = simulate_cbed(si110, thicknesses=[25.0], **kwargs)
+    assert series.engine == "abtem"
+    np.testing.assert_allclose(series.thicknesses, [40.32, 11.52, 24.96], atol=0.01)
+    assert relative_l2(series.patterns[2], single.patterns[0]) <= 1e-4
+    assert not np.allclose(series.patterns[0], series.patterns[1])
+
+
+def test_abtem_frozen_phonons_are_seeded(si110):
+    detector = DetectorGrid.from_options(64, q_max=1.5)
+    kwargs = dict(
+        energy=ENERGY,
+        semiangle=2.0,
+        detector=detector,
+        thicknesses=[30.0],
+        oversampling=1,
+        phonons=2,
+        engine="abtem",
+    )
+    a = simulate_cbed(si110, seed=1, **kwargs).patterns
+    np.testing.assert_array_equal(a, simulate_cbed(si110, seed=1, **kwargs).patterns)
+    b = simulate_cbed(si110, seed=2, **kwargs).patterns
+    static = simulate_cbed(si110, **{**kwargs, "phonons": 0}).patterns
+    fast = simulate_cbed(si110, seed=1, **{**kwargs, "engine": "fast"}).patterns
+    assert 0 < relative_l2(a, b) < 0.05
+    assert 1e-3 < relative_l2(a, static) < 0.3
+    assert relative_l2(a, fast) < 0.03
+
+
+def test_abtem_engine_falls_back_to_fast_for_sheared_cells():
+    si = Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]])
+    kwargs = dict(thicknesses=[20.0], n_pixels=64, q_max=1.5, oversampling=1)
+    sheared = simulate_patterns(si, (0, 0, 1), strain=[[0.0, 0.01], [0.01, 0.0]], **kwargs)
+    plain = simulate_patterns(si, (0, 0, 1), **kwargs)
+    assert sheared[0].metadata["engine"] == "fast"
+    assert plain[0].metadata["engine"] == "abtem"
+    assert sheared[0].cbed.sum() == pytest.approx(plain[0].cbed.sum(), abs=0.01)
 
 
 def test_thickness_series_from_one_pass_equals_single_runs(si110):
     detector = DetectorGrid.from_options(64, q_max=1.5)
-    kwargs = dict(energy=ENERGY, semiangle=2.0, detector=detector, oversampling=1)
+    kwargs = dict(energy=ENERGY, semiangle=2.0, detector=detector, oversampling=1, engine="fast")
     series = simulate_cbed(si110, thicknesses=[40.0, 11.0, 25.0], **kwargs)
     single = simulate_cbed(si110, thicknesses=[25.0], **kwargs)
     np.testing.assert_allclose(
@@ -164,6 +225,7 @@ def test_frozen_phonons_are_seeded(si110):
         thicknesses=[30.0],
         oversampling=1,
         phonons=2,
+        engine="fast",
     )
     a = simulate_cbed(si110, seed=1, **kwargs).patterns
     np.testing.assert_array_equal(a, simulate_cbed(si110, seed=1, **kwargs).patterns)
@@ -182,6 +244,7 @@ def test_strained_oblique_cell_conserves_intensity(si001):
     a = simulate_cbed(sheared, **kwargs)
     b = simulate_cbed(si001, **kwargs)
     assert not a.grid.is_rectangular
+    assert (a.engine, b.engine) == ("fast", "abtem")
     assert a.patterns.sum() == pytest.approx(b.patterns.sum(), abs=0.01)
     assert a.probe.sum() == pytest.approx(1.0, abs=1e-6)
 
@@ -203,6 +266,10 @@ def test_bad_options_are_refused(si001):
         simulate_cbed(
             si001, energy=ENERGY, semiangle=2.0, detector=detector, thicknesses=[5.0], device="tpu"
         )
+    with pytest.raises(ConfigurationError, match="engine"):
+        simulate_cbed(
+            si001, energy=ENERGY, semiangle=2.0, detector=detector, thicknesses=[5.0], engine="x"
+        )
 
 
 @pytest.mark.slow
@@ -220,6 +287,7 @@ def test_matches_naive_abtem_bigger(request, uvw, semiangle, periods):
         thicknesses=[thickness],
         oversampling=1,
         aperture_edge="amplitude",
+        engine="fast",
     )
     reference = reference_cbed(
         atoms,
