@@ -20,11 +20,10 @@ import argparse
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from results_table import update_results
 
-HERE = Path(__file__).resolve().parent
 SECTION = "factory"
 ENERGY = 300e3
 ENGINES = ("abtem", "fast")
@@ -95,7 +94,6 @@ def run_case(atoms, zone, thickness_nm, semiangle, n, naive: bool) -> dict:
 
 def render(rows: list[dict], command: str) -> str:
     lines = [
-        f"<!-- {SECTION}:start -->",
         "## Simulation factory throughput",
         "",
         f"Measured by `{command}` on {platform.machine()}, {os.cpu_count()} cores, one thread "
@@ -132,20 +130,7 @@ def render(rows: list[dict], command: str) -> str:
         lines.append(
             f"| {r['case']} | {r['grid']} | {naive} | " + " | ".join(cells + defaults) + " |"
         )
-    lines.append(f"<!-- {SECTION}:end -->")
     return "\n".join(lines)
-
-
-def update_results(section: str, path: Path) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -174,7 +159,7 @@ def main() -> None:
     section = render(rows, command)
     print(section)
     if not args.quick:
-        update_results(section, HERE / "RESULTS.md")
+        update_results(SECTION, section)
 
 
 if __name__ == "__main__":

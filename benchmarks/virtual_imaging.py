@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_table import update_results
 
 HERE = Path(__file__).resolve().parent
 SECTION = "virtual-imaging"
@@ -143,7 +144,6 @@ def out_of_core(scratch: Path, cap: int, shape: tuple[int, ...], dtype: str) -> 
 
 def render(mem: list[dict], ooc: list[dict], cap: int, command: str) -> str:
     lines = [
-        f"<!-- {SECTION}:start -->",
         "## Virtual imaging throughput",
         "",
         f"Measured by `{command}` on {platform.machine()}, {os.cpu_count()} cores, "
@@ -180,20 +180,7 @@ def render(mem: list[dict], ooc: list[dict], cap: int, command: str) -> str:
             f"{sf_rate:.2f} | **{sf_rate / np_rate:.2f}** | {sf_run['peak_rss'] / 2**20:.0f} MiB | "
             f"{'yes' if sf_run['peak_rss'] < cap else 'no'} |"
         )
-    lines.append(f"<!-- {SECTION}:end -->")
     return "\n".join(lines)
-
-
-def update_results(section: str, path: Path) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -223,7 +210,7 @@ def main() -> None:
     section = render(mem, ooc, cap, command)
     print(section)
     if not args.quick:
-        update_results(section, HERE / "RESULTS.md")
+        update_results(SECTION, section)
 
 
 if __name__ == "__main__":
