@@ -681,7 +681,11 @@ def abtem_intensity(
     import abtem
     import dask
 
-    n_periods = -(-exits[-1] // grid.slices_per_period)
+    # abTEM 1.0.11 miscounts exit planes (IndexError) when the repeated unit is a single
+    # slice: then repeat a unit of two periods instead.
+    layers = 2 if grid.slices_per_period == 1 else 1
+    n_periods = -(-exits[-1] // (grid.slices_per_period * layers))
+    atoms = atoms * (1, 1, layers)
     potential_kwargs = dict(
         slice_thickness=grid.slice_thickness, projection="infinite", parametrization=parametrization
     )

@@ -298,3 +298,15 @@ def test_matches_naive_abtem_bigger(request, uvw, semiangle, periods):
         tiling=fast.grid.tiling,
     )
     assert relative_l2(fast.patterns[0], reference) <= 0.03
+
+
+def test_abtem_engine_handles_a_one_slice_period():
+    """bcc Fe [001] repeats every 2.87 Å, one ~2 Å slice: abTEM 1.0.11 miscounted its exit
+    planes (IndexError) until the unit was doubled along the beam."""
+    fe = Structure(Lattice.cubic(2.8665), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    kwargs = dict(thicknesses=[20.0, 40.0], semiangle=2.0, n_pixels=32, q_pixel_size=0.08)
+    abtem_samples = simulate_patterns(fe, (0, 0, 1), engine="abtem", **kwargs)
+    fast_samples = simulate_patterns(fe, (0, 0, 1), engine="fast", **kwargs)
+    for a, f in zip(abtem_samples, fast_samples, strict=True):
+        assert a.metadata["engine"] == "abtem" and a.metadata["thickness"] == f.metadata["thickness"]
+        assert np.linalg.norm(a.cbed - f.cbed) / np.linalg.norm(f.cbed) < 0.03
