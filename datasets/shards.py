@@ -6,7 +6,7 @@ Layout of a dataset folder::
                       samples_per_shard, n_shards, n, arrays (per-sample shapes, dtypes),
                       shards: [{"path", "sha256", "n", "bytes", "tasks": [start, stop]}, ...]
     shard-00000.h5    one HDF5 file per shard (see :func:`write_shard` for its datasets)
-    ...
+    shard-00001.h5    and so on
 
 Every file appears under its final name complete or not at all (written under a
 temporary name, then renamed), and the manifest lists a shard only after its file is in

@@ -29,6 +29,7 @@ from stemforge.simulate.structures.record import (
     StructureRecord,
     check_crystal_system,
     crystal_system_of,
+    matches,
     space_group_range,
     standardized_record,
 )
@@ -144,11 +145,8 @@ def aflow_search(
     entries = (
         client.auids(query["auids"], refresh) if "auids" in query else client.search(query, refresh)
     )
-    return (
-        record
-        for record in (_record(entry, query) for entry in entries)
-        if max_atoms is None or len(record.structure) <= max_atoms
-    )
+    records = (_record(entry, query) for entry in entries)
+    return (record for record in records if matches(record, max_atoms=max_atoms))
 
 
 def resolve(

@@ -26,6 +26,7 @@ from stemforge.simulate.structures.record import (
     StructureRecord,
     check_crystal_system,
     crystal_system_of,
+    matches,
     standardized_record,
 )
 
@@ -97,11 +98,8 @@ def materials_project(
     """
     query = _query(material_ids, chemsys, crystal_system, space_group, energy_above_hull_max)
     entries = _entries(query, api_key, endpoint, cache_dir, refresh)
-    return (
-        record
-        for record in (_record(entry, query) for entry in entries)
-        if max_atoms is None or len(record.structure) <= max_atoms
-    )
+    records = (_record(entry, query) for entry in entries)
+    return (record for record in records if matches(record, max_atoms=max_atoms))
 
 
 def resolve(
