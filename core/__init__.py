@@ -3,6 +3,7 @@
 Kept light on purpose: importing ``stemforge.core`` loads NumPy and nothing heavier.
 """
 
+from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.calibration import Calibration
 from stemforge.core.datacube import DataCube
 from stemforge.core.errors import (
@@ -17,6 +18,7 @@ from stemforge.core.errors import (
 )
 
 __all__ = [
+    "BraggPeaks",
     "Calibration",
     "CalibrationError",
     "ChecksumError",
