@@ -264,17 +264,33 @@ def _peak_on_grid(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i + di, j + dj
 
 
-def _upsampled(
-    spectra: np.ndarray, shape: tuple[int, int], centers: np.ndarray, upsample: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluate real signals from their ``rfft2`` half-spectra on a fine grid.
+def _dft_factors(
+    shape: tuple[int, int], centers: np.ndarray, upsample: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Separable phase factors of the local DFT evaluation (see :func:`_dft_values`).
 
-    The grid spans ±0.75 samples around each centre in steps of ``1/upsample`` (the
-    matrix-multiply DFT of Guizar-Sicairos et al., Opt. Lett. 33, 156 (2008)): the trigonometric
-    interpolant of the samples, at ``m² ≈ (1.5 upsample)²`` points for a cost of two small
-    matrix products instead of an upsampled FFT.
+    The grid around each centre ``c`` spans ±0.75 samples in steps of ``1/upsample``; its
+    phase ``exp(2πi (c + o) f)`` factors into a per-centre part and a per-offset part, so
+    only ``(n + m) · P`` exponentials are needed instead of ``n · m · P``.
 
-    Returns the values ``(n, m, m)`` and the grid offsets ``(m,)`` in samples.
+    Parameters
+    ----------
+    shape
+        ``(Px, Py)`` of the real signals.
+    centers
+        ``(..., 2)`` grid centres in samples.
+    upsample
+        Grid steps per sample.
+
+    Returns
+    -------
+    cx, cy
+        ``(..., Px)`` and ``(..., Py // 2 + 1)`` centre phases (``cy`` carries the weights
+        that let the ``rfft2`` half-spectrum stand for the full one).
+    ox, oy
+        ``(m, Px)`` and ``(m, Py // 2 + 1)`` offset phases.
+    offs
+        ``(m,)`` grid offsets in samples.
     """
     px, py = shape
     half = int(np.ceil(0.75 * upsample))
@@ -286,10 +302,55 @@ def _upsampled(
     wy[0] = 1.0
     if py % 2 == 0:
         wy[-1] = 1.0
-    ex = np.exp(2j * np.pi * (centers[:, 0, None] + offs)[:, :, None] * fx)
-    ey = wy * np.exp(2j * np.pi * (centers[:, 1, None] + offs)[:, :, None] * fy)
-    values = (ex @ spectra @ ey.transpose(0, 2, 1)).real / (px * py)
-    return values, offs
+    cx = np.exp(2j * np.pi * centers[..., 0, None] * fx)
+    cy = wy * np.exp(2j * np.pi * centers[..., 1, None] * fy)
+    ox = np.exp(2j * np.pi * offs[:, None] * fx)
+    oy = np.exp(2j * np.pi * offs[:, None] * fy)
+    return cx, cy, ox, oy, offs
+
+
+def _dft_values(spectra: Any, cx: Any, cy: Any, ox: Any, oy: Any, shape: tuple[int, int]) -> Any:
+    """Real signals evaluated from their ``rfft2`` half-spectra on small grids.
+
+    The matrix-multiply DFT of Guizar-Sicairos et al., Opt. Lett. 33, 156 (2008): the
+    trigonometric interpolant of the samples at ``m²`` points around each of ``k`` centres
+    per signal, for the cost of two matrix products instead of an upsampled FFT. Written
+    with operators only, so NumPy arrays and torch tensors (on any device) both work.
+
+    Parameters
+    ----------
+    spectra
+        ``(n, Px, Py // 2 + 1)`` half-spectra.
+    cx, cy
+        ``(n, k, Px)`` and ``(n, k, Py // 2 + 1)`` centre phases from :func:`_dft_factors`.
+    ox, oy
+        Offset phases from :func:`_dft_factors`.
+    shape
+        ``(Px, Py)``.
+
+    Returns
+    -------
+    ``(n, k, m, m)`` real values.
+    """
+    n, k, px = cx.shape
+    m = ox.shape[0]
+    ex = (cx[:, :, None, :] * ox).reshape(n, k * m, px)
+    ey = cy[:, :, None, :] * oy
+    rows = (ex @ spectra).reshape(n, k, m, -1)
+    return (rows @ ey.swapaxes(-1, -2)).real / (shape[0] * shape[1])
+
+
+def _upsampled(
+    spectra: np.ndarray, shape: tuple[int, int], centers: np.ndarray, upsample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluate real signals from their ``rfft2`` half-spectra on a fine grid.
+
+    One grid per signal, ±0.75 samples around ``centers`` ``(n, 2)`` in steps of
+    ``1/upsample`` (see :func:`_dft_values`). Returns the values ``(n, m, m)`` and the grid
+    offsets ``(m,)`` in samples.
+    """
+    cx, cy, ox, oy, offs = _dft_factors(shape, centers[:, None, :], upsample)
+    return _dft_values(spectra, cx, cy, ox, oy, shape)[:, 0], offs
 
 
 def _check_upsample(upsample: int) -> None:

@@ -8,6 +8,13 @@ Dask array chunked over scan positions, when the data exceeds the memory budget)
 ``FILE.calibration.json`` sidecar, which ``read_datacube`` applies.
 """
 
+from stemforge.datasets.io.braggpeaks_io import (
+    PEAK_FORMATS,
+    BraggPeaksFile,
+    read_braggpeaks,
+    read_braggpeaks_file,
+    write_braggpeaks,
+)
 from stemforge.datasets.io.calibration_sidecar import read_calibration_sidecar
 from stemforge.datasets.io.dispatch import (
     SUPPORTED_FORMATS,
@@ -18,10 +25,15 @@ from stemforge.datasets.io.dispatch import (
 from stemforge.datasets.io.memory import default_memory_budget
 
 __all__ = [
+    "PEAK_FORMATS",
+    "BraggPeaksFile",
     "SUPPORTED_FORMATS",
     "default_memory_budget",
+    "read_braggpeaks",
+    "read_braggpeaks_file",
     "read_calibration_sidecar",
     "read_datacube",
+    "write_braggpeaks",
     "write_calibration",
     "write_datacube",
 ]
