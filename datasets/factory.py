@@ -20,6 +20,7 @@ from stemforge.core.errors import ConfigurationError
 #: Files of a strain-scan output folder.
 SCAN_FILE = "scan.h5"
 TRUTH_FILE = "truth.h5"
+PROBE_FILE = "probe.npy"
 MANIFEST = "manifest.json"
 
 
@@ -85,6 +86,7 @@ def build_strain_scan(config: dict[str, Any]) -> Path:
     micro, detector = config["microscope"], config["detector"]
     thickness = thickness_series(config["thickness"])[0]
     calls = []
+    probes: list[np.ndarray] = []
 
     def simulate_fn(strain: np.ndarray, material: Any) -> np.ndarray:
         calls.append(material.name)
@@ -103,6 +105,7 @@ def build_strain_scan(config: dict[str, Any]) -> Path:
             device=str(config["device"]),
             engine=str(config["engine"]),
         )[0]
+        probes.append(sample.probe)
         return sample.cbed
 
     states = len({(m, *h.round(10).ravel()) for m, h in zip(truth.material.ravel(), truth.applied_strain().reshape(-1, 9), strict=True)})
@@ -117,13 +120,16 @@ def build_strain_scan(config: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_datacube(cube, out / SCAN_FILE, overwrite=True)
     _write_truth(out / TRUTH_FILE, truth_to_dict(truth))
+    # The vacuum probe on the same detector grid: the template for disk detection.
+    with atomic_output(out / PROBE_FILE, overwrite=True) as tmp:
+        np.save(tmp, probes[0])
     manifest = {
         "kind": "strain_scan",
         "config": config,
         "seed": config["seed"],
         "scan_shape": list(scan_shape),
         "simulations": len(calls),
-        "files": [SCAN_FILE, TRUTH_FILE],
+        "files": [SCAN_FILE, TRUTH_FILE, PROBE_FILE],
     }
     with atomic_output(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))

@@ -40,7 +40,7 @@ from stemforge.core.datacube import DataCube
 from stemforge.core.errors import ConfigurationError, InvalidDataError, ShapeError
 from stemforge.core.progress import track
 from stemforge.infer.origin import _dft_factors, _dft_values, _parabola_offset, _peak_on_grid
-from stemforge.infer.templates import estimate_probe_radius
+from stemforge.infer.templates import kernel_radius
 
 SUBPIXEL_METHODS: tuple[str, ...] = ("none", "parabolic", "dft")
 BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
@@ -52,6 +52,9 @@ _DFT_BATCH_BYTES = 32 * 2**20
 # Blocks of a datacube read at once when find_bragg_disks is given no max_bytes: the FFT
 # batches inside bound the working memory, so larger blocks buy nothing but a coarser bar.
 _DEFAULT_BLOCK_BYTES = 128 * 2**20
+# Default edge margin beyond the probe radius, pixels: a probe's soft edge (10 % at R + 1.1
+# px for a 1-px edge) must lie on the detector too, or the cut pulls the peak inwards.
+_EDGE_ALLOWANCE = 1.0
 
 
 # ---- parameters ---------------------------------------------------------------------------
@@ -154,7 +157,7 @@ class DetectionParams:
         return dataclasses.replace(
             self,
             min_spacing=float(probe_radius) if self.min_spacing is None else self.min_spacing,
-            edge=float(probe_radius) if self.edge is None else self.edge,
+            edge=float(probe_radius) + _EDGE_ALLOWANCE if self.edge is None else self.edge,
         )
 
 
@@ -330,17 +333,23 @@ def correlate(
 _NEIGHBOURS = ((0, 1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (1, -1), (1, 0), (1, 1))
 
 
+def _margin(edge: float) -> int:
+    """Pixels skipped at each border: pixel ``i`` is kept when its centre is at least ``edge``
+    from the detector's outer boundary, ``i + 0.5 >= edge`` (the same on the far side)."""
+    return max(math.ceil(edge - 0.5), 0)
+
+
 def _local_maxima(
     corr: np.ndarray, edge: float, floor: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Flat ``(pattern, i, j, value)`` of 8-neighbour maxima above ``floor``, ≥ ``edge`` in.
+    """Flat ``(pattern, i, j, value)`` of 8-neighbour maxima above ``floor``, ``edge`` in.
 
     A maximum is not below any of its 8 neighbours; the correlation is periodic, so the
     neighbourhood wraps. A plateau (e.g. an all-zero pattern) is all maxima, but never
-    above a ``floor`` >= 0 of zero.
+    above a ``floor`` >= 0 of zero. The margin is :func:`_margin`.
     """
     n, nx, ny = corr.shape
-    e = math.ceil(edge)
+    e = _margin(edge)
     hx, hy = nx - 2 * e, ny - 2 * e
     if hx < 1 or hy < 1:
         empty = np.zeros(0, np.int64)
@@ -678,7 +687,7 @@ class _TorchOps:
         padded = functional.pad(corr[:, None], (1, 1, 1, 1), mode="circular")
         is_max = corr >= functional.max_pool2d(padded, 3, stride=1)[:, 0]
         is_max &= corr > self.params.min_absolute_intensity
-        e = math.ceil(self.params.edge)
+        e = _margin(self.params.edge)
         b, i, j = self.torch.nonzero(is_max[:, e : corr.shape[1] - e, e : corr.shape[2] - e]).T
         i, j = i + e, j + e
         return tuple(t.cpu().numpy() for t in (b, i, j, corr[b, i, j]))
@@ -723,7 +732,7 @@ class _Detector:
             )
         kernel_fft = kernel_spectrum(kernel, shape)
         if not params.is_resolved:
-            params = params.resolved(estimate_probe_radius(np.asarray(kernel)))
+            params = params.resolved(kernel_radius(np.asarray(kernel)))
         self.params = params
         self.shape = shape
         if backend == "auto":

@@ -52,8 +52,7 @@ def write_map_png(
     width = 4.0
     height = max(2.0, min(8.0, width * rx / max(ry, 1)))
     fig, ax = plt.subplots(figsize=(width + 1.2, height))
-    colours = plt.get_cmap(cmap).copy()
-    colours.set_bad("0.6")
+    colours = plt.get_cmap(cmap).with_extremes(bad="0.6")
     shown = ax.imshow(
         np.ma.masked_invalid(image), cmap=colours, vmin=vmin, vmax=vmax, interpolation="nearest"
     )

@@ -218,6 +218,34 @@ def estimate_probe_radius(probe_or_kernel: Any) -> float:
     return float(np.sqrt(np.count_nonzero(p > 0.5 * p.max()) / np.pi))
 
 
+def kernel_radius(kernel: Any) -> float:
+    """Radius (pixels) of the disk a wrapped kernel matches: where its profile falls fastest.
+
+    The azimuthal mean of the kernel about pixel ``(0, 0)`` is taken in 1-px rings and the
+    radius of its steepest descent is refined by a parabola. Every mode of
+    :func:`make_kernel` falls fastest at the disk edge: the plain disk's edge, the drop from
+    the disk into the trench, the zero crossing of the edge-filtered ``"gaussian"`` kernel
+    (positive just inside the edge, negative just outside; its area above half maximum, as
+    :func:`estimate_probe_radius` measures it, is a thin ring and reads half the radius).
+    """
+    k = np.fft.fftshift(_check_image(kernel, "kernel"))
+    nx, ny = k.shape
+    r = np.hypot(np.arange(nx)[:, None] - nx // 2, np.arange(ny)[None, :] - ny // 2)
+    ring = np.rint(r).astype(np.int64).ravel()
+    inside = ring < min(nx, ny) // 2
+    counts = np.bincount(ring[inside])
+    profile = np.bincount(ring[inside], k.ravel()[inside]) / np.maximum(counts, 1)
+    # drop[j] is the fall from ring j to ring j + 1, centred on radius j + 0.5.
+    drop = profile[:-1] - profile[1:]
+    j = int(np.argmax(drop))
+    if 0 < j < len(drop) - 1:
+        left, centre, right = drop[j - 1], drop[j], drop[j + 1]
+        curvature = left - 2 * centre + right
+        offset = 0.5 * (left - right) / curvature if curvature < 0 else 0.0
+        return float(j + 0.5 + offset)
+    return float(j + 0.5)
+
+
 def _ring(shape: tuple[int, int], inner: float, outer: float) -> np.ndarray:
     """A soft annulus (1 px edges) between two radii around ``(Qx // 2, Qy // 2)``."""
     r = np.hypot(
