@@ -1,0 +1,340 @@
+"""The Hydra application behind ``stemforge train``: compose, instantiate, fit, test, export.
+
+Configs live in ``stemforge/conf/train`` (groups ``data``, ``model``, ``trainer``,
+``logger``, ``callbacks``, ``experiment``, ``hydra/launcher``). A run writes into its
+Hydra run folder (``outputs/train/<name>/<time>`` unless ``hydra.run.dir`` says otherwise):
+``.hydra/`` (the composed config), ``checkpoints/`` (``last.ckpt`` and the best on
+``val/loss``), logger output (``wandb/``, ``csv/``) and ``model/`` (the best weights as
+``model.safetensors`` + ``model.json``, see :mod:`stemforge.train.export`).
+
+Resuming: ``ckpt_path=last`` in the same run folder (``hydra.run.dir=<that folder>``), or
+``ckpt_path=<file.ckpt>``. Data order, augmentation and dropout depend only on seeds,
+epoch and batch (see :class:`~stemforge.datasets.datamodule.FCUNetDataModule` and
+:class:`~stemforge.train.module.FCUNetModule`), and the checkpoint restores weights,
+optimizer, schedule and loop counters, so a resumed run ends with the same weights as one
+never interrupted (bit for bit on the CPU with ``trainer.deterministic=true``).
+
+Run as a script (``python -m stemforge.train.run``/``python run.py``) it takes Hydra's
+command line; Lightning relaunches it so for the other ranks of ``strategy=ddp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from stemforge.core.errors import ConfigurationError, MissingFileError
+
+log = logging.getLogger(__name__)
+
+# conf/train/hydra/launcher/{joblib,submitit_slurm}.yaml complete the launcher plugins'
+# schemas under the names users know (hydra/launcher=joblib); Hydra merges them onto the
+# schemas as intended, but warns in every process that matching by name is deprecated.
+_SCHEMA_WARNING = (
+    r"\s*'hydra/launcher/(joblib|submitit_slurm)' is validated against ConfigStore schema"
+)
+
+
+def _hide_schema_warning() -> None:
+    warnings.filterwarnings("ignore", message=_SCHEMA_WARNING, category=UserWarning)
+
+
+_hide_schema_warning()  # at import: also in the launcher's job processes, which import this
+
+#: The primary config in :func:`config_dir`.
+CONFIG_NAME = "train"
+
+
+def config_dir() -> str:
+    """The folder of the training configs (``stemforge/conf/train``), as a file path.
+
+    Hydra gets it as its primary config path, so that the groups sit at the top level
+    (``model=unet_small``, ``hydra/launcher=joblib``) rather than under ``train/``.
+    """
+    return str(resources.files("stemforge.conf") / "train")
+
+
+def compose_config(overrides: Sequence[str] = (), *, hydra: bool = False) -> Any:
+    """The training config composed from ``overrides``, unresolved (Hydra's compose API).
+
+    Parameters
+    ----------
+    overrides
+        Hydra overrides, e.g. ``["experiment=fcunet_small", "data.path=data/small"]``
+        (no sweeps: those need a multirun).
+    hydra
+        Keep the ``hydra`` node (launcher, run and sweep folders).
+
+    Returns
+    -------
+    omegaconf.DictConfig
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with (
+            warnings.catch_warnings(),
+            initialize_config_dir(config_dir(), version_base="1.3", job_name="train"),
+        ):
+            _hide_schema_warning()
+            return compose(CONFIG_NAME, overrides=list(overrides), return_hydra_config=hydra)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigurationError(
+            "bad training override: " + " ".join(str(exc).splitlines()[:2]),  # with Hydra's hint
+            "write overrides as key=value or group=option (see `stemforge train --cfg` and the "
+            "groups in stemforge/conf/train)",
+        ) from exc
+
+
+def check_config(cfg: Any, *, launcher: str | None = None) -> None:
+    """Refuse a config that cannot run, before anything is built.
+
+    Parameters
+    ----------
+    cfg
+        The composed training config.
+    launcher
+        In a multirun, ``submitit`` or the launcher's class (:func:`multirun_launcher`);
+        None for a single run.
+
+    Raises
+    ------
+    ConfigurationError
+        No dataset given, or ``strategy=ddp`` inside a multirun on one machine.
+    MissingFileError
+        The dataset folder does not exist.
+    """
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg.data, "path"):
+        raise ConfigurationError(
+            "no training data given",
+            "add data.path=DIR, a folder written by `stemforge simulate` (e.g. "
+            "`stemforge simulate fcunet_small out=data/small`)",
+        )
+    if not Path(cfg.data.path).is_dir():
+        raise MissingFileError(
+            f"the dataset folder {cfg.data.path} does not exist",
+            "check data.path, or simulate the data first with `stemforge simulate PRESET out=DIR`",
+        )
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy.startswith("ddp") and not _spawns(strategy) and launcher not in (None, "submitit"):
+        # Lightning relaunches the script for the other ranks, which then re-runs the sweep.
+        raise ConfigurationError(
+            f"strategy={strategy} cannot run inside a multirun on one machine (every rank would relaunch the sweep)",
+            "use trainer=ddp_spawn for -m sweeps, or hydra/launcher=submitit_slurm on a cluster",
+        )
+
+
+def multirun_launcher() -> str | None:
+    """None outside a multirun; else ``submitit`` or the launcher's class name."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    target = str(HydraConfig.get().launcher.get("_target_", ""))
+    return "submitit" if "submitit" in target else target
+
+
+def resolve_checkpoint(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | None:
+    """The checkpoint file to resume from: None, ``last`` in ``checkpoint_dir``, or a path."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = Path(checkpoint_dir) / "last.ckpt"
+        if not last.is_file():
+            raise ConfigurationError(
+                f"ckpt_path=last, but there is no {last}",
+                "resume in the folder of the interrupted run (add hydra.run.dir=<its folder>), "
+                "or give the checkpoint file: ckpt_path=<path/to/last.ckpt>",
+            )
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise MissingFileError(
+            f"the checkpoint {ckpt_path} does not exist",
+            "give an existing .ckpt file, or ckpt_path=last",
+        )
+    return str(ckpt_path)
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _number(value: Any) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None  # NaN is not JSON
+
+
+def _command() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["stemforge train", *HydraConfig.get().overrides.task])
+
+
+def _spawns(strategy: str) -> bool:
+    """Whether a Lightning strategy starts its processes anew for every fit/validate/test."""
+    return any(word in strategy for word in ("spawn", "fork", "notebook"))
+
+
+def _evaluation_trainer(cfg: Any, trainer: Any) -> Any:
+    """The trainer that scores the best weights after the fit: the fitting one, except
+    after a spawning strategy, whose fresh processes per stage would restart the loggers
+    (CSVLogger deletes the metrics of the fit); those score here, on one device, unlogged
+    (the scores go to the export and the return value)."""
+    from hydra.utils import instantiate
+
+    if not _spawns(str(cfg.trainer.get("strategy", "auto"))):
+        return trainer
+    return instantiate(
+        cfg.trainer,
+        strategy="auto",
+        devices=1,
+        num_nodes=1,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+    )
+
+
+def train(cfg: Any) -> dict[str, float | None]:
+    """Fit, validate the best weights, test, and export them; the work of one run.
+
+    Parameters
+    ----------
+    cfg
+        A composed training config (resolved here; ``${hydra:...}`` needs a Hydra run).
+
+    Returns
+    -------
+    dict
+        Metrics of the exported (best) weights: ``val/...`` and, with a test split,
+        ``test/...``; None for undefined values.
+    """
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+    from pytorch_lightning.loggers import WandbLogger
+
+    from stemforge.datasets.datamodule import NORMALIZATION
+    from stemforge.train.export import export_model
+    from stemforge.train.module import FCUNetModule
+
+    check_config(cfg, launcher=multirun_launcher())
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = FCUNetModule(model=_plain(cfg.model), **_plain(cfg.module))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    run_config = {key: value for key, value in _plain(cfg).items() if key != "hydra"}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(run_config)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
+        if best:
+            module.load_state_dict(
+                torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            )
+        evaluator = _evaluation_trainer(cfg, trainer)
+        results: dict[str, Any] = {}
+        for result in evaluator.validate(module, datamodule=datamodule, verbose=False):
+            results.update(result)
+        if cfg.test and datamodule.has_test:
+            for result in evaluator.test(module, datamodule=datamodule, verbose=False):
+                results.update(result)
+        metrics = {key: _number(value) for key, value in sorted(results.items())}
+        if cfg.export and trainer.is_global_zero:
+            data = {key: value for key, value in _plain(cfg.data).items() if key != "_target_"}
+            data["dataset"] = {
+                "seed": datamodule.store.seed,
+                "shape": list(datamodule.pattern_shape),
+                "config": datamodule.store.config,
+            }
+            weights = export_model(
+                module.net,
+                cfg.paths.export_dir,
+                {
+                    "name": cfg.name,
+                    "normalization": NORMALIZATION,
+                    "data": data,
+                    "seed": cfg.seed,
+                    "command": _command(),
+                    "metrics": metrics,
+                    "checkpoint": Path(best).name if best else None,
+                    "epochs": trainer.current_epoch,
+                    "steps": trainer.global_step,
+                },
+            )
+            log.info("exported %s", weights)
+        return metrics
+    finally:
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            import wandb
+
+            wandb.finish()  # Lightning leaves the run open; the next job of a sweep needs its own
+
+
+def task(cfg: Any) -> float | None:
+    """Hydra's task function: one training run; returns ``optimized_metric`` for sweepers."""
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+@contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def main(args: Sequence[str] = ()) -> None:
+    """Run the Hydra application with a command line: overrides and Hydra flags
+    (``--multirun``, ``--cfg job``...), as ``stemforge train`` passes them.
+
+    Errors propagate as exceptions (stemforge's CLI prints its own errors as one line)
+    instead of Hydra's report-and-exit.
+    """
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    app = hydra.main(config_path=config_dir(), config_name=CONFIG_NAME, version_base="1.3")(task)
+    # argv[0] is this file: Lightning's DDP relaunches `python argv[0] ...` for other ranks.
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        with warnings.catch_warnings(), _argv([str(Path(__file__).resolve()), *args]):
+            _hide_schema_warning()
+            app()
+    finally:
+        GlobalHydra.instance().clear()  # a later run in this process starts afresh
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
