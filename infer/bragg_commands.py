@@ -58,10 +58,14 @@ def detection_options(func: Callable) -> Callable:
         ),
         click.option(
             "--method",
-            type=click.Choice(["correlation"]),
+            type=click.Choice(["correlation", "fcunet"]),
             default="correlation",
             show_default=True,
-            help="Disk detector.",
+            help="Disk detector: probe correlation, or the FCU-Net network.",
+        ),
+        click.option(
+            "--model",
+            help="FCU-Net model: zoo NAME[@VERSION] or a .safetensors file [default: fcunet].",
         ),
         click.option(
             "--kernel",
@@ -143,10 +147,12 @@ def _detect(input_file: str, options: dict[str, Any]):  # noqa: ANN202 - (DataCu
     peaks = detect_bragg_peaks(
         cube,
         probe,
+        method=options["method"],
         kernel=options["kernel"],
         params=params,
         max_bytes=options["memory_budget"],
         backend=options["backend"],
+        model=options["model"],
     )
     return cube, peaks
 

@@ -77,17 +77,47 @@ def detect_bragg_peaks(
     cube: DataCube,
     probe: np.ndarray,
     *,
+    method: str = "correlation",
     kernel: str | None = None,
     params: DetectionParams | None = None,
     max_bytes: int | str | None = None,
     backend: str = "auto",
+    model: str | None = None,
 ) -> BraggPeaks:
-    """Correlation disk detection over a whole datacube with a template made from ``probe``.
+    """Bragg disks of a whole datacube, by correlation or by FCU-Net.
 
-    ``kernel`` is a :func:`~stemforge.infer.templates.make_kernel` mode (default: its own).
+    Parameters
+    ----------
+    method
+        ``"correlation"``: with a template made from ``probe`` (``kernel`` is a
+        :func:`~stemforge.infer.templates.make_kernel` mode, default its own).
+        ``"fcunet"``: the network ``model`` (zoo ``name[@version]`` or a ``.safetensors``
+        file; default the zoo's ``fcunet``) predicts the structure-factor image.
+    params
+        Peak picking and refinement, for both methods.
     """
-    template = make_kernel(probe) if kernel is None else make_kernel(probe, kernel)
-    return find_bragg_disks(cube, template, params, max_bytes=max_bytes, backend=backend)
+    if method == "correlation":
+        template = make_kernel(probe) if kernel is None else make_kernel(probe, kernel)
+        return find_bragg_disks(cube, template, params, max_bytes=max_bytes, backend=backend)
+    if method == "fcunet":
+        from stemforge.infer.fcunet_detect import (
+            DEFAULT_MODEL,
+            find_bragg_disks_fcunet,
+            load_detector_model,
+        )
+
+        device = "cuda" if backend != "numpy" and _cuda() else "cpu"
+        network = load_detector_model(model or DEFAULT_MODEL, device=device)
+        return find_bragg_disks_fcunet(cube, probe, network, params, max_bytes=max_bytes)
+    raise ConfigurationError(
+        f"unknown disk detection method {method!r}", "use 'correlation' or 'fcunet'"
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,8 +24,10 @@ from stemforge.models.zoo.registry import (
 )
 from stemforge.models.zoo.store import (
     add_model,
+    build_model,
     cached_path,
     load_model,
+    load_model_file,
     load_weights,
     local_path,
     pull,
@@ -45,7 +47,9 @@ __all__ = [
     "cached_path",
     "get_architecture",
     "list_models",
+    "build_model",
     "load_model",
+    "load_model_file",
     "load_registry",
     "load_weights",
     "local_path",

@@ -197,7 +197,12 @@ class _DownloadBar:
             TransferSpeedColumn,
         )
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+        )
         self._progress = Progress(*columns, console=Console(stderr=True))
         self._task = self._progress.add_task(description, total=None)
         self._total: int | None = None
@@ -239,7 +244,8 @@ def verify(spec: str | ModelEntry) -> Path:
     path = _embedded_file(entry) if entry.embedded else cached_path(entry)
     if not path.is_file():
         raise MissingFileError(
-            f"model {entry.spec} is not in the cache ({path})", f"run `stemforge zoo pull {entry.spec}` first"
+            f"model {entry.spec} is not in the cache ({path})",
+            f"run `stemforge zoo pull {entry.spec}` first",
         )
     _check(entry, path)
     return path
@@ -307,28 +313,26 @@ def load_weights(
     return load_file(str(path), device=device), metadata
 
 
-def load_model(spec: str | ModelEntry, *, device: str = "cpu") -> torch.nn.Module:
-    """Build a zoo model from its metadata and load its weights strictly, in eval mode.
+def build_model(
+    state: dict[str, torch.Tensor], metadata: dict[str, Any], label: str, device: str = "cpu"
+) -> torch.nn.Module:
+    """The architecture ``metadata`` names, built from its ``config``, with ``state`` loaded.
 
-    The architecture is the metadata's ``model`` (see
-    :func:`~stemforge.models.zoo.architectures.register_architecture`), built with the
-    metadata's ``config`` as keyword arguments. The decoded metadata is kept as the module's
-    ``zoo_metadata`` attribute (inference needs e.g. its ``normalization``).
+    The decoded metadata is kept as the module's ``zoo_metadata`` attribute (inference needs
+    e.g. its ``normalization``). ``label`` names the model in errors.
 
     Raises
     ------
     FileFormatError
-        The file records no architecture, or its tensors do not fit the architecture.
+        The metadata records no architecture, or the tensors do not fit the architecture.
     ConfigurationError
         Unknown architecture.
     """
-    entry = _entry(spec)
-    state, metadata = load_weights(entry, device=device)
     architecture = metadata.get("model")
     config = metadata.get("config", {})
     if not isinstance(architecture, str) or not isinstance(config, dict):
         raise FileFormatError(
-            f"the weights of {entry.spec} record no architecture ('model') or no config object",
+            f"the weights of {label} record no architecture ('model') or no config object",
             "export the model with stemforge.train's export_model, which writes both",
         )
     module = get_architecture(architecture)(**config)
@@ -336,12 +340,40 @@ def load_model(spec: str | ModelEntry, *, device: str = "cpu") -> torch.nn.Modul
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise FileFormatError(
-            f"the weights of {entry.spec} do not fit architecture {architecture!r} with config {config} ({exc})",
+            f"the weights of {label} do not fit architecture {architecture!r} with config {config} ({exc})",
             "the file and its config disagree: export the model again",
         ) from exc
     module.to(device).eval()
     module.zoo_metadata = metadata
     return module
+
+
+def load_model(spec: str | ModelEntry, *, device: str = "cpu") -> torch.nn.Module:
+    """Build a zoo model from its metadata and load its weights strictly, in eval mode.
+
+    The architecture is the metadata's ``model`` (see
+    :func:`~stemforge.models.zoo.architectures.register_architecture`), built with the
+    metadata's ``config`` as keyword arguments (:func:`build_model`).
+    """
+    entry = _entry(spec)
+    state, metadata = load_weights(entry, device=device)
+    return build_model(state, metadata, entry.spec, device)
+
+
+def load_model_file(path: str | Path, *, device: str = "cpu") -> torch.nn.Module:
+    """A model from a local ``.safetensors`` file (e.g. a training run's export), unregistered.
+
+    No hash to check against: use the zoo (``add_model``) to share a model.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(
+            f"{path} does not exist", "give the model.safetensors a training run exported"
+        )
+    metadata = read_metadata(path)
+    return build_model(load_file(str(path), device=device), metadata, str(path), device)
 
 
 # ---- publishing -----------------------------------------------------------------------------
@@ -390,7 +422,9 @@ def add_model(
     """
     file, registry_path = Path(file), Path(registry_path)
     if not file.is_file():
-        raise MissingFileError(f"model file {file} does not exist", "give the path of an exported .safetensors file")
+        raise MissingFileError(
+            f"model file {file} does not exist", "give the path of an exported .safetensors file"
+        )
     parse_spec(f"{name}@{version}")  # validates both, with a clear message
     metadata = read_metadata(file)
     architecture, config = metadata.get("model"), metadata.get("config")
@@ -408,9 +442,13 @@ def add_model(
 
     origin = str(registry_path)
     document = (
-        parse_registry_json(registry_path.read_text(), origin) if registry_path.exists() else {"models": []}
+        parse_registry_json(registry_path.read_text(), origin)
+        if registry_path.exists()
+        else {"models": []}
     )
-    parse_entries(document, origin=origin, root=registry_path.parent)  # refuse to extend a broken one
+    parse_entries(
+        document, origin=origin, root=registry_path.parent
+    )  # refuse to extend a broken one
     others = [m for m in document["models"] if (m["name"], m["version"]) != (name, version)]
     if len(others) < len(document["models"]) and not overwrite:
         raise ConfigurationError(
@@ -445,11 +483,17 @@ def add_model(
     return entry
 
 
-def _place_next_to(file: Path, destination: Path, sha256: str, others: list[dict[str, Any]]) -> None:
+def _place_next_to(
+    file: Path, destination: Path, sha256: str, others: list[dict[str, Any]]
+) -> None:
     """Copy an embedded model next to its registry, never replacing another entry's file."""
     if destination.exists() and destination.samefile(file):
         return
-    users = [f"{m['name']}@{m['version']}" for m in others if m.get("embedded") and m["file"] == destination.name]
+    users = [
+        f"{m['name']}@{m['version']}"
+        for m in others
+        if m.get("embedded") and m["file"] == destination.name
+    ]
     if users and file_sha256(destination) != sha256:
         raise ConfigurationError(
             f"{destination} already holds the file of {', '.join(users)}",

@@ -1,0 +1,138 @@
+"""Bragg disks by FCU-Net: predict the kinematic structure-factor image, pick its peaks.
+
+The network (:mod:`stemforge.models.fcunet`, from the zoo) maps a pattern and the vacuum
+probe to an image with a sharp peak at every Bragg position; peaks are then picked and
+refined by the same code as correlation maxima (:func:`~stemforge.infer.disks.find_peaks`,
+parabolic or local-DFT refinement), so the output is the same table: raw detector pixels
+along axes -2 and -1, intensity = predicted peak height (a |V_g|-like structure factor
+relative to the central beam).
+
+Inputs go through :func:`~stemforge.datasets.datamodule.normalize_inputs`, the function
+the model was trained with; a model recorded with another normalisation is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stemforge.core.braggpeaks import BraggPeaks
+from stemforge.core.datacube import DataCube
+from stemforge.core.errors import ConfigurationError, ShapeError
+from stemforge.core.progress import track
+from stemforge.infer.disks import DetectionParams, find_peaks, refine_dft, refine_parabolic
+from stemforge.infer.templates import estimate_probe_radius
+
+#: The zoo model ``--method fcunet`` uses unless told otherwise.
+DEFAULT_MODEL = "fcunet"
+# Patterns per forward pass: bounds activations (~40 MB per 128² pattern for the default).
+_BATCH = 16
+
+
+def load_detector_model(spec: str = DEFAULT_MODEL, device: str = "cpu") -> Any:
+    """A trained network from the zoo (``name[@version]``) or a ``.safetensors`` file.
+
+    Raises
+    ------
+    ConfigurationError
+        The model was trained with another input normalisation than this version's.
+    """
+    from stemforge.datasets.datamodule import NORMALIZATION
+    from stemforge.models import zoo
+
+    model = (
+        zoo.load_model_file(spec, device=device)
+        if spec.endswith(".safetensors")
+        else zoo.load_model(spec, device=device)
+    )
+    recorded = model.zoo_metadata.get("normalization")
+    if recorded != NORMALIZATION:
+        raise ConfigurationError(
+            f"model {spec!r} was trained with input normalisation {recorded!r}, this stemforge uses {NORMALIZATION!r}",
+            "use a model trained with this version (stemforge zoo list), or retrain it",
+        )
+    return model
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _BATCH) -> np.ndarray:
+    """Predicted structure-factor images ``(N, Qx, Qy)`` of a stack of patterns.
+
+    Parameters
+    ----------
+    model
+        A network taking ``(pattern, probe)`` as ``(B, 1, Qx, Qy)`` tensors.
+    patterns
+        ``(N, Qx, Qy)`` raw intensities.
+    probe
+        ``(Qx, Qy)`` vacuum probe, centred at ``(Qx // 2, Qy // 2)``.
+    """
+    import torch
+
+    from stemforge.datasets.datamodule import normalize_inputs
+
+    patterns = np.asarray(patterns, dtype=np.float32)
+    if patterns.ndim != 3 or patterns.shape[1:] != np.shape(probe):
+        raise ShapeError(
+            f"patterns {patterns.shape} and probe {np.shape(probe)} do not match",
+            "give a (N, Qx, Qy) stack and a (Qx, Qy) probe of the same detector",
+        )
+    device = _device(model)
+    out = np.empty(patterns.shape, dtype=np.float32)
+    with torch.inference_mode():
+        probe_t = torch.as_tensor(np.asarray(probe, dtype=np.float32), device=device)[None, None]
+        for start in range(0, len(patterns), batch):
+            x = torch.as_tensor(patterns[start : start + batch], device=device)[:, None]
+            x, p = normalize_inputs(x, probe_t)
+            out[start : start + batch] = model(x, p)[:, 0].float().cpu().numpy()
+    return out
+
+
+def peaks_from_prediction(prediction: np.ndarray, params: DetectionParams) -> list[np.ndarray]:
+    """Peaks of predicted images, picked and refined as correlation maxima are."""
+    peaks = find_peaks(prediction, params)
+    if params.subpixel == "parabolic":
+        return refine_parabolic(prediction, peaks)
+    if params.subpixel == "dft":
+        from scipy import fft
+
+        return refine_dft(fft.rfft2(prediction), prediction.shape[1:], peaks, params.upsample)
+    return peaks
+
+
+def find_bragg_disks_fcunet(
+    cube: DataCube,
+    probe: np.ndarray,
+    model: Any,
+    params: DetectionParams | None = None,
+    max_bytes: int | str | None = None,
+) -> BraggPeaks:
+    """FCU-Net disk detection over a datacube, block by block of scan rows.
+
+    ``params`` as for correlation; unset ``min_spacing`` and ``edge`` default to the probe
+    radius, as there.
+    """
+    from stemforge.datasets.io.memory import default_memory_budget, parse_size
+
+    if np.shape(probe) != cube.detector_shape:
+        raise ShapeError(
+            f"the probe has shape {np.shape(probe)} but the patterns are {cube.detector_shape}",
+            "record the vacuum probe with the same detector binning and cropping as the data",
+        )
+    params = (params or DetectionParams()).resolved(estimate_probe_radius(probe))
+    budget = (
+        min(128 * 2**20, default_memory_budget()) if max_bytes is None else parse_size(max_bytes)
+    )
+    rows = cube.rows_per_block(budget)
+    tables: list[np.ndarray] = []
+    n_blocks = -(-cube.scan_shape[0] // rows)
+    for _, block in track(
+        cube.iter_blocks(budget, check_finite=True), total=n_blocks, description="FCU-Net disks"
+    ):
+        stack = np.asarray(block).reshape(-1, *cube.detector_shape)
+        tables.extend(peaks_from_prediction(predict(model, stack, probe), params))
+    return BraggPeaks.from_patterns(tables, cube.scan_shape, cube.detector_shape)
