@@ -27,7 +27,10 @@ from scipy.special import expit
 from stemforge.core.datacube import DataCube, is_lazy
 from stemforge.core.errors import ConfigurationError, InvalidDataError, ShapeError
 
-KERNEL_MODES: tuple[str, ...] = ("plain", "gaussian", "trench")
+KERNEL_MODES: tuple[str, ...] = ("gaussian", "plain", "trench")
+# Default blur of the "gaussian" mode, pixels: about the edge width of a sharp probe image,
+# so the kernel is the disk's edge (see make_kernel for the measurements behind it).
+_EDGE_SIGMA = 1.0
 
 
 def _check_image(image: Any, name: str) -> np.ndarray:
@@ -226,7 +229,7 @@ def kernel_radius(kernel: Any) -> float:
     :func:`make_kernel` falls fastest at the disk edge: the plain disk's edge, the drop from
     the disk into the trench, the zero crossing of the edge-filtered ``"gaussian"`` kernel
     (positive just inside the edge, negative just outside; its area above half maximum, as
-    :func:`estimate_probe_radius` measures it, is a thin ring and reads half the radius).
+    :func:`estimate_probe_radius` measures it, is a thin rim: 5.4 px for a 10 px disk).
     """
     k = np.fft.fftshift(_check_image(kernel, "kernel"))
     nx, ny = k.shape
@@ -256,7 +259,7 @@ def _ring(shape: tuple[int, int], inner: float, outer: float) -> np.ndarray:
 
 def make_kernel(
     probe: Any,
-    mode: str = "plain",
+    mode: str = "gaussian",
     sigma: float | None = None,
     trench_width: float | None = None,
 ) -> np.ndarray:
@@ -265,23 +268,47 @@ def make_kernel(
     The probe is first centred (:func:`center_probe`), so peak positions are disk centres of
     mass. With ``P`` the centred probe and ``R`` its radius (:func:`estimate_probe_radius`):
 
-    - ``"plain"``: ``K = P / ΣP`` (unit sum). Correlation heights are proportional to the
-      disk intensities; a bright diffuse background raises them too.
-    - ``"gaussian"``: ``K = (P − G_σ ∗ P) / ΣP`` with a periodic Gaussian blur ``G_σ``
-      (default ``σ = R / 2``): a positive disk in a negative halo about one radius wide
-      (a wider halo reaches neighbouring disks and biases the positions). Sum exactly 0.
+    - ``"gaussian"`` (default): ``K = (P − G_σ ∗ P) / ΣP`` with a periodic Gaussian blur
+      ``G_σ`` (default ``σ = 1`` px). For ``σ`` well below ``R`` this is the edge filter
+      ``−(σ²/2) ∇²P``: a positive rim just inside the disk edge, a negative one just
+      outside, nothing in the interior, so the match is made on the disk edges. Sum exactly
+      0; heights proportional to the disk intensities (times the edge contrast).
+    - ``"plain"``: ``K = P / ΣP`` (unit sum), the matched filter of a uniform disk.
+      Correlation heights are proportional to the disk intensities; a bright diffuse
+      background raises them too.
     - ``"trench"``: ``K = P / ΣP − T / ΣT`` with ``T`` a soft ring from ``R + 1.5`` to
       ``R + 1.5 + trench_width`` pixels (default width ``max(2, R / 2)``): the disk must
       stand above its immediate surroundings. Sum exactly 0.
+
+    Why the edge filter is the default. The condenser aperture alone sets where a disk's
+    edge lies; the intensity inside it follows the rocking curve of its reflection across
+    the range of incidence angles, far from uniform in thick crystals (the side of a disk
+    nearer the Bragg condition is brighter) and changing with the strain and composition
+    that the scan is to measure. A plain or trench match locates the intensity centroid,
+    pulled towards the bright side; the edge filter is pulled only through the edge
+    contrast. A disk 30 % brighter at one edge than at its centre (1-px edge) is located
+    0.15 px off with ``σ = 1`` and 0.51 px with ``"plain"`` (R = 10 px; R = 4 px: 0.31 and
+    0.41 px); blurred edges (2–3 px) carry the bias of the intensity along them, and the
+    gain shrinks. On abTEM multislice of a Si/SiGe multilayer (Si [110], 300 kV, 2 mrad,
+    R = 10 px; layers at e_xx = 1.48 % and 2.58 % against the Si substrate), noise-free,
+    the 111 disks of 20 nm Si sit 1.4 px (4 % of g) inside their nodes with ``"plain"``,
+    0.2 px with ``σ = 1``; the e_xx RMSE over the scans of 5, 10, 20 and 40 nm is 0.005,
+    0.14, 0.21, 0.23 % (``"plain"``), 0.004, 0.003, 0.38, 0.29 % (``"trench"``),
+    0.38, 0.30, 0.45, 0.11 % (``σ = R / 2``, the former default, whose halo reaches into
+    the interior) and 0.014, 0.013, 0.043, 0.026 % (``σ = 1``); a homogeneous 1.00 % at
+    5 nm reads 0.987 %. On the fast multislice of Si [001] (R = 4 px), uniaxial, biaxial
+    and shear 1 %, the largest error at 5, 10, 20, 40 nm is 0.023, 0.037, 0.088, 0.19 %
+    with ``σ = 1`` and 0.017, 0.031, 0.14, 0.53 % with ``"plain"``. Smaller ``σ``
+    converge to the Laplacian (0.5 px does about the same).
 
     Parameters
     ----------
     probe
         ``(Qx, Qy)`` probe image, the shape of the patterns to be searched.
     mode
-        ``"plain"``, ``"gaussian"`` or ``"trench"``.
+        ``"gaussian"``, ``"plain"`` or ``"trench"``.
     sigma
-        Blur of the ``"gaussian"`` mode (pixels).
+        Blur of the ``"gaussian"`` mode (pixels), default 1.
     trench_width
         Radial width of the ``"trench"`` ring (pixels).
 
@@ -312,7 +339,7 @@ def make_kernel(
         kernel = p / total
     elif mode == "gaussian":
         # A periodic blur preserves the sum exactly, so the kernel is exactly zero-mean.
-        blurred = ndimage.gaussian_filter(p, radius / 2 if sigma is None else sigma, mode="wrap")
+        blurred = ndimage.gaussian_filter(p, _EDGE_SIGMA if sigma is None else sigma, mode="wrap")
         kernel = (p - blurred) / total
     else:
         inner = radius + 1.5

@@ -289,6 +289,96 @@ def test_strongly_strained_positions_keep_their_high_orders():
     assert np.allclose(fit.g1[0, 1], G_OBLIQUE[:, 0] / 1.06, atol=0.01)
 
 
+def _with_extra_peaks(peaks: BraggPeaks, offsets: np.ndarray, intensity: float) -> BraggPeaks:
+    """``peaks`` plus, at every scan position, peaks at ``ORIGIN + offsets`` (``(m, 2)``)."""
+    rx, ry = np.meshgrid(*(np.arange(n) for n in peaks.scan_shape), indexing="ij")
+    rx, ry = np.repeat(rx.ravel(), len(offsets)), np.repeat(ry.ravel(), len(offsets))
+    q = np.asarray(ORIGIN) + np.tile(offsets, (peaks.scan_shape[0] * peaks.scan_shape[1], 1))
+    return BraggPeaks.from_columns(
+        np.r_[peaks.rx, rx],
+        np.r_[peaks.ry, ry],
+        np.r_[peaks.qx, q[:, 0]],
+        np.r_[peaks.qy, q[:, 1]],
+        np.r_[peaks.intensity, np.full(len(rx), intensity)],
+        peaks.scan_shape,
+        DETECTOR,
+    )
+
+
+def test_outlier_rejection_drops_a_spurious_peak_near_a_node():
+    """A bright spurious maximum 2 px off node (2, -1), inside the 2.8 px indexing tolerance,
+    at every position: fitted, it drags the basis by 0.05 px (15σ); rejected (2 px > 3 × the
+    ~0.07 px median distance and > the 0.5 px floor), the fit is the clean one."""
+    g1, g2 = G_OBLIQUE[:, 0], G_OBLIQUE[:, 1]
+    sigma = 0.05
+    clean = lattice_peaks(G_OBLIQUE, (4, 4), sigma=sigma, p_missing=0, n_spurious=0, seed=10)
+    node = 2 * g1 - g2
+    peaks = _with_extra_peaks(clean, (node + [1.6, -1.2])[None], 300.0)
+    tol = 5 * _lsq_sigma(G_OBLIQUE, sigma, 0.0)
+    kept = fit_lattice(peaks, g1, g2, CAL, reject=None)
+    assert np.abs(kept.g1 - g1).max() > 2 * tol
+    fit = fit_lattice(peaks, g1, g2, CAL)
+    assert np.abs(fit.g1 - g1).max() < tol and np.abs(fit.g2 - g2).max() < tol
+    assert np.array_equal(fit.n_peaks, kept.n_peaks - 1)
+    reference = fit_lattice(clean, g1, g2, CAL, reject=None)
+    np.testing.assert_allclose(fit.g1, reference.g1, atol=1e-12)
+
+
+def test_rejection_keeps_systematic_offsets_below_the_floor():
+    """Dynamical contrast moves whole reflections by tenths of a pixel in thick crystals;
+    dropping them at some positions only would turn their offsets into strain steps. A
+    reflection family 0.3 px off its nodes stays in the fit (under the 0.5 px floor)."""
+    peaks = lattice_peaks(G_OBLIQUE, (3, 3), sigma=0.01, p_missing=0, n_spurious=0, seed=11)
+    kx, ky = centered_peaks(peaks, CAL)
+    idx = index_peaks(kx, ky, G_OBLIQUE[:, 0], G_OBLIQUE[:, 1])
+    family = np.abs(idx.h) == 2
+    shifted = BraggPeaks.from_columns(
+        peaks.rx,
+        peaks.ry,
+        peaks.qx + 0.3 * family * np.sign(idx.h),
+        peaks.qy,
+        peaks.intensity,
+        peaks.scan_shape,
+        DETECTOR,
+    )
+    fit = fit_lattice(shifted, G_OBLIQUE[:, 0], G_OBLIQUE[:, 1], CAL)
+    assert np.array_equal(fit.n_peaks, peaks.counts())
+
+
+def test_basis_ignores_weak_features_off_the_lattice():
+    """Dense thick-crystal patterns (40 nm Si [110]: 111 at 32 px, 10 px disks) hold weak
+    correlation maxima at fixed places between bright disks, spots as frequent as any
+    reflection. Here 4 of 16 spots, at 3 % of the 111 height: by counts only 75 % of the map
+    is on the lattice, by intensity 98 %. One of them and 220 span a dense lattice (shortest
+    vector 15.8 px) whose nodes lie within 15 % of the pair's lengths (5.8 px) of every bright
+    spot: indexing is to 15 % of the reduced basis' shortest vector (2.4 px)."""
+    G = np.array([[18.2, 18.2], [26.0, -26.0]])  # columns: 111 and 11-1 of Si [110]
+    hk = np.array([[1, 0], [0, 1], [-1, 0], [0, -1], [1, 1], [-1, -1], [1, -1], [-1, 1]])
+    hk = np.r_[hk, [[2, 0], [0, 2], [-2, 0], [0, -2]]]
+    level = [1.0] * 4 + [0.1] * 2 + [0.8] * 2 + [0.012] * 4  # 111, 002, 220, 2-22
+    scan = (6, 6)
+    rng = np.random.default_rng(12)
+    n = scan[0] * scan[1]
+    pos = np.asarray(ORIGIN) + (hk @ G.T)[None] + 0.05 * rng.standard_normal((n, len(hk), 2))
+    rx, ry = np.divmod(np.repeat(np.arange(n), len(hk)), scan[1])
+    lattice = BraggPeaks.from_columns(
+        np.r_[rx, np.arange(n) // scan[1]],
+        np.r_[ry, np.arange(n) % scan[1]],
+        np.r_[pos[..., 0].ravel(), np.full(n, ORIGIN[0])],
+        np.r_[pos[..., 1].ravel(), np.full(n, ORIGIN[1])],
+        np.r_[np.tile(level, n), np.full(n, 0.75)],
+        scan,
+        DETECTOR,
+    )
+    ghosts = np.array([[7.7, 38.2], [-7.7, 38.2], [7.7, -38.2], [-7.7, -38.2]])
+    peaks = _with_extra_peaks(lattice, ghosts, 0.03)
+    basis = choose_basis(peaks, CAL)
+    e1, e2 = conventional_basis(G[:, 0], G[:, 1])
+    assert np.allclose(basis.g1, e1, atol=0.02) and np.allclose(basis.g2, e2, atol=0.02)
+    off_origin = np.hypot(*basis.spots.T) > 5
+    assert basis.counts[basis.indexed & off_origin].sum() < 0.8 * basis.counts[off_origin].sum()
+
+
 def test_too_few_or_collinear_peaks_are_masked():
     scan = (2, 3)
     peaks = lattice_peaks(G_OBLIQUE, scan, sigma=0.02, p_missing=0.5, n_spurious=1, seed=9)
@@ -338,6 +428,10 @@ def test_bad_inputs_raise_clear_errors():
         fit_lattice(peaks, g1, g2, CAL, weights="brightest")
     with pytest.raises(ConfigurationError, match="min_peaks"):
         fit_lattice(peaks, g1, g2, CAL, min_peaks=2)
+    with pytest.raises(ConfigurationError, match="reject"):
+        fit_lattice(peaks, g1, g2, CAL, reject=1.0)
+    with pytest.raises(ConfigurationError, match="reject_floor"):
+        fit_lattice(peaks, g1, g2, CAL, reject_floor=-0.1)
     with pytest.raises(ConfigurationError, match="only one"):
         choose_basis(peaks, CAL, g1=g1)
     # Spots on one line (a systematic row) do not make a 2D lattice.

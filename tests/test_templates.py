@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from stemforge.core import ConfigurationError, DataCube, InvalidDataError, ShapeError
+from stemforge.infer.disks import DetectionParams, detect_patterns
 from stemforge.infer.templates import (
     center_probe,
     estimate_probe_radius,
+    kernel_radius,
     make_kernel,
     probe_center,
     probe_from_datacube,
@@ -90,7 +92,7 @@ def test_probe_from_datacube_averages_and_centres_a_vacuum_region():
 
 
 def test_plain_kernel_has_unit_sum_and_is_wrapped():
-    k = make_kernel(synthetic_probe(SHAPE, R))
+    k = make_kernel(synthetic_probe(SHAPE, R), "plain")
     assert k.shape == SHAPE
     assert k.sum() == pytest.approx(1.0, abs=1e-12)
     # Wrapped: the maximum sits on pixel (0, 0); fftshift brings the centre to (Qx//2, Qy//2).
@@ -112,6 +114,48 @@ def test_zero_mean_kernels_sum_to_zero_and_ignore_a_flat_background(mode):
     assert np.abs(flat).max() < 1e-12
 
 
+@pytest.mark.parametrize("edge_width", [1.0, 2.0])
+@pytest.mark.parametrize("radius", [3.0, 7.0, 12.5])
+def test_kernel_radius_reads_the_disk_edge_of_every_mode(radius, edge_width):
+    p = synthetic_probe(SHAPE, radius, edge_width)
+    # Plain and edge kernels fall fastest at R; the 1-px ring binning leaves ±0.25 px.
+    for kernel in (make_kernel(p, "plain"), make_kernel(p), make_kernel(p, "gaussian", 2.0)):
+        assert kernel_radius(kernel) == pytest.approx(radius, abs=0.25)
+    # The trench's steepest fall is from the disk's edge into the ring that starts 1.5 px
+    # beyond it: up to one edge width outside R.
+    assert radius <= kernel_radius(make_kernel(p, "trench")) <= radius + 1.0 * edge_width + 0.25
+
+
+def test_default_kernel_is_the_disk_edge():
+    """σ = 1 px ≪ R: ``P − G ∗ P ≈ −(σ²/2)∇²P``, positive just inside the edge, negative just
+    outside, ~0 in the interior (the Laplacian of a flat plateau)."""
+    k = np.fft.fftshift(make_kernel(synthetic_probe(SHAPE, R)))
+    c = (SHAPE[0] // 2, SHAPE[1] // 2)
+    profile = k[c[0], c[1] :]
+    rim = profile.max()
+    assert int(np.argmax(profile)) in (int(R) - 1, int(R))
+    assert R <= int(np.argmin(profile)) <= R + 1.5
+    # The plateau, 3 px in: the logistic edge has decayed to e^-6 there.
+    assert np.abs(profile[: int(R) - 3]).max() < 0.03 * rim
+    assert abs(k.sum()) < 1e-12
+
+
+def test_edge_kernel_resists_an_interior_intensity_gradient():
+    """Dynamical contrast makes one side of a thick-crystal disk brighter. A disk 30 % brighter
+    at one edge than at its centre (1-px edge, R = 10): the plain match follows the intensity
+    centroid (measured 0.51 px off), the edge kernel the edges (0.15 px)."""
+    shape, radius, centre = (96, 96), 10.0, (48.3, 47.8)
+    disk = synthetic_probe(shape, radius, center=centre)
+    gradient = 1 + 0.3 * (np.arange(shape[0])[:, None] - centre[0]) / radius
+    probe = synthetic_probe(shape, radius)
+    offsets = {}
+    for mode in ("plain", "gaussian"):
+        params = DetectionParams(max_peaks=1)
+        found = detect_patterns((disk * gradient)[None], make_kernel(probe, mode), params)
+        offsets[mode] = float(np.hypot(*(found[0][0, :2] - centre)))
+    assert offsets["gaussian"] < 0.2 and offsets["plain"] > 0.4
+
+
 def test_trench_lies_just_outside_the_disk():
     k = np.fft.fftshift(make_kernel(synthetic_probe(SHAPE, R), "trench", trench_width=3.0))
     c = (SHAPE[0] // 2, SHAPE[1] // 2)
@@ -124,7 +168,7 @@ def test_trench_lies_just_outside_the_disk():
 
 def test_make_kernel_recentres_an_off_centre_probe():
     off = synthetic_probe(SHAPE, R, center=(20.6, 50.2))
-    k = make_kernel(off)
+    k = make_kernel(off, "plain")
     assert _com(np.fft.fftshift(k)) == pytest.approx((SHAPE[0] // 2, SHAPE[1] // 2), abs=5e-3)
 
 
