@@ -35,6 +35,9 @@ from py4dstem_env import run_in_py4dstem
 from results_table import update_results
 
 SECTION = "disks"
+#: The speed baseline: py4DSTEM configured so that it finds the lattice (its defaults do not
+#: on 128² patterns: a 60 px minimum spacing leaves only the central beam).
+BASELINE = "py4DSTEM scaled (sigmoid kernel)"
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / ".cache" / "sige_strain_scan"
 
@@ -136,7 +139,7 @@ def run_py4dstem(folder: Path, settings: dict, out: Path) -> tuple[object, float
 
 
 def render(rows: list[dict], info: dict) -> str:
-    baseline = next(r for r in rows if r["name"].startswith("py4DSTEM default"))
+    baseline = next(r for r in rows if r["name"] == BASELINE)
     lines = [
         "## Bragg disk detection and strain: stemforge vs py4DSTEM",
         "",
@@ -146,9 +149,11 @@ def render(rows: list[dict], info: dict) -> str:
         "Strain for every peak table by stemforge's lattice fit (automatic basis, reference = "
         "Si substrate rows), RMSE against the truth over valid positions. py4DSTEM 0.14.18 in "
         "its own venv, same file; *scaled*: minPeakSpacing and edgeBoundary set to the probe "
-        f"radius ({info['probe_radius']:.1f} px) instead of 60 and 20 px.",
+        f"radius ({info['probe_radius']:.1f} px) instead of 60 and 20 px; with the defaults "
+        "py4DSTEM finds only the central beam here, so the speed ratio is taken against the "
+        "scaled sigmoid run. stemforge: its defaults (edge-filter kernel, DFT refinement).",
         "",
-        "| detector | patterns/s | × py4DSTEM default | peaks/pattern | valid fits | RMSE e_xx (%) | RMSE e_yy (%) | RMSE e_xy (%) | RMSE θ (mrad) |",
+        "| detector | patterns/s | × py4DSTEM scaled | peaks/pattern | valid fits | RMSE e_xx (%) | RMSE e_yy (%) | RMSE e_xy (%) | RMSE θ (mrad) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -198,7 +203,12 @@ def main() -> None:
     runs = {
         "py4DSTEM default (flat kernel)": {"kernel": "flat"},
         "py4DSTEM default (sigmoid kernel)": {"kernel": "sigmoid"},
-        "py4DSTEM scaled (sigmoid kernel)": {
+        "py4DSTEM scaled (flat kernel)": {
+            "kernel": "flat",
+            "minPeakSpacing": radius,
+            "edgeBoundary": int(round(radius)),
+        },
+        BASELINE: {
             "kernel": "sigmoid",
             "minPeakSpacing": radius,
             "edgeBoundary": int(round(radius)),
