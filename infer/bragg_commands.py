@@ -262,8 +262,10 @@ def strain(
         raise click.UsageError("give both --g1 and --g2, or neither")
     has_probe = any(options[k] is not None for k in ("probe", "probe_region", "probe_radius"))
     if has_probe:
+        from stemforge.infer.bragg_pipeline import with_origin
+
         cube, peaks = _detect(input_file, options)
-        calibration = cube.calibration
+        calibration = with_origin(cube).calibration
         if peaks_out is not None:
             from stemforge.datasets.io import write_braggpeaks
 

@@ -120,6 +120,21 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def with_origin(cube: DataCube) -> DataCube:
+    """``cube`` with a measured origin when its calibration has none.
+
+    The lattice fit needs the origin of every pattern to centre the Bragg vector map; the
+    brightest peak near the detector centre (the fallback on bare peak tables) is wrong
+    whenever a Bragg disk outshines the direct beam. Centre of mass of the central disk with
+    a robust plane fit of the drift, as ``stemforge calibrate`` does by default.
+    """
+    if cube.calibration.qx0 is not None:
+        return cube
+    from stemforge.infer.calibrate import calibrate_datacube
+
+    return cube.with_calibration(calibrate_datacube(cube, method="com", drift="plane").calibration)
+
+
 @dataclass(frozen=True, eq=False)
 class StrainResult:
     """A strain map with the basis choice and lattice fit it came from."""
