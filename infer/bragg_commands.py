@@ -12,7 +12,14 @@ from typing import Any
 
 import click
 
-from stemforge.infer.commands import _load_npy, _open, _scan_shape, lazy_option, scan_shape_option
+from stemforge.infer.commands import (
+    _load_npy,
+    _open,
+    _pair,
+    _scan_shape,
+    lazy_option,
+    scan_shape_option,
+)
 
 PEAK_SUFFIXES = (".csv", ".h5", ".hdf5", ".emd")
 
@@ -29,16 +36,6 @@ def _roi(value: str | None, option: str) -> tuple[slice, slice] | None:
             f"{value!r} is not RX0:RX1,RY0:RY1 (integers)", param_hint=option
         ) from None
     return slice(x0, x1), slice(y0, y1)
-
-
-def _vector(value: str | None, option: str) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    try:
-        x, y = (float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not X,Y (two numbers)", param_hint=option) from None
-    return x, y
 
 
 def detection_options(func: Callable) -> Callable:
@@ -280,8 +277,8 @@ def strain(
     result = measure_strain(
         peaks,
         calibration,
-        g1=_vector(g1, "--g1"),
-        g2=_vector(g2, "--g2"),
+        g1=_pair(g1, "--g1"),
+        g2=_pair(g2, "--g2"),
         reference=_roi(reference, "--reference"),
         min_peaks=min_peaks,
         frame=frame,

@@ -125,14 +125,25 @@ def with_origin(cube: DataCube) -> DataCube:
 
     The lattice fit needs the origin of every pattern to centre the Bragg vector map; the
     brightest peak near the detector centre (the fallback on bare peak tables) is wrong
-    whenever a Bragg disk outshines the direct beam. Centre of mass of the central disk with
-    a robust plane fit of the drift, as ``stemforge calibrate`` does by default.
+    whenever a Bragg disk outshines the direct beam. Here: the centre of mass of the central
+    disk of each pattern (no drift model, so stacks of unrelated patterns work too); blank
+    patterns get the median origin. ``stemforge calibrate`` gives more control.
     """
     if cube.calibration.qx0 is not None:
         return cube
-    from stemforge.infer.calibrate import calibrate_datacube
+    from stemforge.core.errors import CalibrationError
+    from stemforge.infer.origin import find_origin
 
-    return cube.with_calibration(calibrate_datacube(cube, method="com", drift="plane").calibration)
+    qx0, qy0 = find_origin(cube, "com")
+    measured = np.isfinite(qx0) & np.isfinite(qy0)
+    if not measured.any():
+        raise CalibrationError(
+            f"{cube.name}: the origin could not be measured on any pattern (they look blank)",
+            "check the data (stemforge virtual FILE --pattern max)",
+        )
+    qx0 = np.where(measured, qx0, np.median(qx0[measured]))
+    qy0 = np.where(measured, qy0, np.median(qy0[measured]))
+    return cube.with_calibration(cube.calibration.replace(qx0=qx0, qy0=qy0))
 
 
 @dataclass(frozen=True, eq=False)

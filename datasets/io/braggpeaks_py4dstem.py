@@ -29,7 +29,6 @@ dataset. A 0.13 BraggVectors (``emd_group_type=4``) holds ``_v_uncal`` (raw) and
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.calibration import Calibration
 from stemforge.core.errors import CalibrationError, FileFormatError
-from stemforge.datasets.io.emd import is_emd1
+from stemforge.datasets.io.emd import is_emd1, new_emd_root
 from stemforge.datasets.io.hdf5 import attr_str
 from stemforge.datasets.io.py4dstem_calibration import (
     calibration_from_py4dstem,
@@ -199,16 +198,7 @@ def write_py4dstem_peaks(peaks: BraggPeaks, tmp: Path, calibration: Calibration 
     for k in range(tables.size):
         tables.flat[k] = rows[offsets[k] : offsets[k + 1]]
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            emd_group_type="file",
-            version_major=1,
-            version_minor=0,
-            UUID=str(uuid.uuid4()),
-            authoring_program="stemforge",
-            authoring_user="",
-        )
-        root = f.create_group(ROOT)
-        root.attrs.update(emd_group_type="root", python_class="Root")
+        root = new_emd_root(f, ROOT)
         node = root.create_group(NODE)
         node.attrs.update(emd_group_type="custom", python_class="BraggVectors")
         vectors = node.create_group("_v_uncal")

@@ -40,6 +40,21 @@ from stemforge.datasets.io.py4dstem_calibration import (
 
 FORMAT = "EMD 1.0 (py4DSTEM)"
 ROOT = "datacube_root"
+
+
+def new_emd_root(f: Any, name: str) -> Any:
+    """Mark the open, empty HDF5 file ``f`` as an EMD 1.0 file and create its root ``name``."""
+    f.attrs.update(
+        emd_group_type="file",
+        version_major=1,
+        version_minor=0,
+        UUID=str(uuid.uuid4()),
+        authoring_program="stemforge",
+        authoring_user="",
+    )
+    root = f.create_group(name)
+    root.attrs.update(emd_group_type="root", python_class="Root")
+    return root
 ARRAY = "datacube"
 METADATA_DATASET = "stemforge_metadata"
 
@@ -197,16 +212,7 @@ def write_emd(cube: DataCube, tmp: Path) -> None:
 
     params = calibration_to_py4dstem(cube.calibration)
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            emd_group_type="file",
-            version_major=1,
-            version_minor=0,
-            UUID=str(uuid.uuid4()),
-            authoring_program="stemforge",
-            authoring_user="",
-        )
-        root = f.create_group(ROOT)
-        root.attrs.update(emd_group_type="root", python_class="Root")
+        root = new_emd_root(f, ROOT)
         array = root.create_group(ARRAY)
         array.attrs.update(emd_group_type="array", python_class="DataCube")
         dset = array.create_dataset("data", shape=cube.shape, dtype=cube.dtype)
