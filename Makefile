@@ -32,7 +32,10 @@ demo: $(STAMP)
 	$(BIN)/stemforge demo --input tests/data/blockfile/test1.blo --out demo_out
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/virtual_imaging.py
+	cd benchmarks && ../$(BIN)/python virtual_imaging.py
+	cd benchmarks && ../$(BIN)/python factory.py
+	cd benchmarks && ../$(BIN)/python disks_vs_py4dstem.py
+	cd benchmarks && ../$(BIN)/python braggpeaks_interop.py
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info .pytest_cache .ruff_cache

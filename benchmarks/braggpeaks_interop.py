@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from py4dstem_env import run_in_py4dstem
+from results_table import update_results
 
 from stemforge.core import BraggPeaks, Calibration
 from stemforge.datasets.io.braggpeaks_io import read_braggpeaks_file, write_braggpeaks
@@ -223,10 +224,15 @@ def main() -> int:
             results.append(check())
             print(results[-1][1], flush=True)
     passed = sum(ok for ok, _ in results)
-    print(
+    summary = (
         f"Bragg peak interop with py4DSTEM 0.14.18: {passed} passed, {len(results) - passed} "
         f"failed ({time.perf_counter() - t0:.0f} s)"
     )
+    print(summary)
+    lines = [f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in results]
+    body = "## Bragg peaks: py4DSTEM interoperability\n\n"
+    body += "Checked by `python benchmarks/braggpeaks_interop.py` (py4DSTEM in its own venv).\n\n"
+    update_results("interop", body + "\n".join(lines) + f"\n\n{summary}")
     return 0 if passed == len(results) else 1
 
 
