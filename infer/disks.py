@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -907,25 +908,58 @@ def find_bragg_disks(
     InvalidDataError
         A pattern holds NaN or inf (the error names its ``rx, ry``).
     """
+    _require_cube(cube)
+    detector = _Detector(kernel, cube.detector_shape, params, backend, workers)
+    return stream_peaks(cube, detector, max_bytes, "Bragg disks")
+
+
+def _require_cube(cube: Any) -> None:
+    if not isinstance(cube, DataCube):
+        raise ConfigurationError(
+            f"disk detection needs a DataCube, got {type(cube).__name__}",
+            "wrap the array: DataCube(array), or use detect_patterns for a (N, Qx, Qy) stack",
+        )
+
+
+def stream_peaks(
+    cube: DataCube,
+    detect: Callable[..., list[np.ndarray]],
+    max_bytes: int | str | None = None,
+    description: str = "Bragg disks",
+) -> BraggPeaks:
+    """Run a per-stack peak detector over a datacube, one block of scan rows at a time.
+
+    Shared by every disk detector (correlation, FCU-Net), so memory stays bounded the same
+    way for in-memory, memory-mapped and Dask-backed cubes, and NaN/inf are reported by
+    position.
+
+    Parameters
+    ----------
+    cube
+        The datacube ``(Rx, Ry, Qx, Qy)``.
+    detect
+        ``detect(stack, start=...)`` → one ``(n, 3)`` table per pattern of the
+        ``(N, Qx, Qy)`` stack; ``start`` is the flat scan index of its first pattern.
+    max_bytes
+        Block size, bytes or a size such as ``"256MB"``; default 128 MiB (or the memory
+        budget, ``STEMFORGE_MEMORY_BUDGET``, if smaller).
+    description
+        Label of the progress bar.
+    """
     # Imported here: the readers' package loads h5py and zarr, needed only to stream a cube.
     from stemforge.datasets.io.memory import default_memory_budget, parse_size
 
-    if not isinstance(cube, DataCube):
-        raise ConfigurationError(
-            f"find_bragg_disks needs a DataCube, got {type(cube).__name__}",
-            "wrap the array: DataCube(array), or use detect_patterns for a (N, Qx, Qy) stack",
-        )
+    _require_cube(cube)
     budget = (
         min(_DEFAULT_BLOCK_BYTES, default_memory_budget())
         if max_bytes is None
         else parse_size(max_bytes)
     )
-    detector = _Detector(kernel, cube.detector_shape, params, backend, workers)
     rows = cube.rows_per_block(budget)
     n_blocks = math.ceil(cube.scan_shape[0] / rows)
     tables: list[np.ndarray] = []
     blocks = cube.iter_blocks(budget, check_finite=True)
-    for sl, block in track(blocks, total=n_blocks, description="Bragg disks"):
-        stack = block.reshape(-1, *cube.detector_shape)
-        tables.extend(detector(stack, start=sl.start * cube.scan_shape[1]))
+    for sl, block in track(blocks, total=n_blocks, description=description):
+        stack = np.asarray(block).reshape(-1, *cube.detector_shape)
+        tables.extend(detect(stack, start=sl.start * cube.scan_shape[1]))
     return BraggPeaks.from_patterns(tables, cube.scan_shape, cube.detector_shape)

@@ -20,8 +20,13 @@ import numpy as np
 from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.datacube import DataCube
 from stemforge.core.errors import ConfigurationError, ShapeError
-from stemforge.core.progress import track
-from stemforge.infer.disks import DetectionParams, find_peaks, refine_dft, refine_parabolic
+from stemforge.infer.disks import (
+    DetectionParams,
+    find_peaks,
+    refine_dft,
+    refine_parabolic,
+    stream_peaks,
+)
 from stemforge.infer.templates import estimate_probe_radius
 
 #: The zoo model ``--method fcunet`` uses unless told otherwise.
@@ -116,23 +121,14 @@ def find_bragg_disks_fcunet(
     ``params`` as for correlation; unset ``min_spacing`` and ``edge`` default to the probe
     radius, as there.
     """
-    from stemforge.datasets.io.memory import default_memory_budget, parse_size
-
     if np.shape(probe) != cube.detector_shape:
         raise ShapeError(
             f"the probe has shape {np.shape(probe)} but the patterns are {cube.detector_shape}",
             "record the vacuum probe with the same detector binning and cropping as the data",
         )
     params = (params or DetectionParams()).resolved(estimate_probe_radius(probe))
-    budget = (
-        min(128 * 2**20, default_memory_budget()) if max_bytes is None else parse_size(max_bytes)
-    )
-    rows = cube.rows_per_block(budget)
-    tables: list[np.ndarray] = []
-    n_blocks = -(-cube.scan_shape[0] // rows)
-    for _, block in track(
-        cube.iter_blocks(budget, check_finite=True), total=n_blocks, description="FCU-Net disks"
-    ):
-        stack = np.asarray(block).reshape(-1, *cube.detector_shape)
-        tables.extend(peaks_from_prediction(predict(model, stack, probe), params))
-    return BraggPeaks.from_patterns(tables, cube.scan_shape, cube.detector_shape)
+
+    def detect(stack: np.ndarray, start: int) -> list[np.ndarray]:
+        return peaks_from_prediction(predict(model, stack, probe), params)
+
+    return stream_peaks(cube, detect, max_bytes, "FCU-Net disks")

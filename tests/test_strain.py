@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pytest
+from synthetic_peaks import DETECTOR, ORIGIN, lattice_peaks, nodes
 
 from stemforge.core import BraggPeaks, Calibration, ConfigurationError, InvalidDataError, ShapeError
 from stemforge.infer.lattice import LatticeFit, choose_basis, fit_lattice
@@ -26,8 +27,6 @@ from stemforge.infer.strain import (
 )
 from stemforge.simulate.strain import deformation_gradient
 
-DETECTOR = (128, 128)
-ORIGIN = (63.6, 64.3)
 CAL = Calibration(qx0=ORIGIN[0], qy0=ORIGIN[1])
 #: Reference reciprocal basis, columns g1, g2, pixels (oblique, reduced).
 G_REF = np.array([[14.0, -3.0], [2.0, 15.5]])
@@ -36,11 +35,6 @@ SIGMA = 0.05
 P_MISSING = 0.2
 #: The ±0.02 % accuracy target for homogeneous strain.
 TARGET = 2e-4
-
-
-def _nodes(hk_max: int = 8) -> np.ndarray:
-    n = np.arange(-hk_max, hk_max + 1)
-    return np.stack(np.meshgrid(n, n, indexing="ij"), -1).reshape(-1, 2).astype(float)
 
 
 def strained_peaks(
@@ -53,34 +47,14 @@ def strained_peaks(
 ) -> BraggPeaks:
     """Peaks of ``G_ref`` deformed by ``F = R(θ)(I + ε)`` at every position.
 
-    Components are scalars or ``(Rx, Ry)`` maps. Reflections within 3 px of the detector
-    edge are lost, others missing with probability ``P_MISSING`` (never the direct beam);
-    two weak spurious peaks per position; Gaussian position noise ``SIGMA``.
+    Components are scalars or ``(Rx, Ry)`` maps; reflections as in
+    :func:`synthetic_peaks.lattice_peaks`, missing with ``P_MISSING``, two weak spurious
+    peaks per position, Gaussian position noise ``SIGMA``.
     """
-    rng = np.random.default_rng(seed)
     comps = [np.broadcast_to(np.asarray(c, float), scan_shape) for c in (e_xx, e_yy, e_xy, theta)]
     F = deformation_gradient(*comps)[..., :2, :2]
     G = np.swapaxes(np.linalg.inv(F), -1, -2) @ G_REF  # reciprocal basis F⁻ᵀ G_ref
-    hk = _nodes()
-    pos = np.asarray(ORIGIN) + np.einsum("xyij,mj->xymi", G, hk)
-    inside = ((pos >= 3) & (pos <= np.asarray(DETECTOR) - 4)).all(-1)
-    direct = (hk == 0).all(-1)
-    keep = inside & ((rng.random(inside.shape) >= P_MISSING) | direct)
-    intensity = 100 * np.exp(-(((pos - ORIGIN) ** 2).sum(-1)) / (2 * 50.0**2)) + 900 * direct
-    rx, ry, m = np.nonzero(keep)
-    q = pos[rx, ry, m] + SIGMA * rng.standard_normal((m.size, 2))
-    n = 2 * scan_shape[0] * scan_shape[1]
-    srx, sry = rng.integers(0, scan_shape[0], n), rng.integers(0, scan_shape[1], n)
-    sq = rng.uniform(0, DETECTOR[0] - 1, (n, 2))
-    return BraggPeaks.from_columns(
-        np.r_[rx, srx],
-        np.r_[ry, sry],
-        np.r_[q[:, 0], sq[:, 0]],
-        np.r_[q[:, 1], sq[:, 1]],
-        np.r_[intensity[rx, ry, m], rng.uniform(1, 5, n)],
-        scan_shape,
-        DETECTOR,
-    )
+    return lattice_peaks(G, scan_shape, sigma=SIGMA, p_missing=P_MISSING, n_spurious=2, seed=seed)
 
 
 def _strain_sigma() -> float:
@@ -88,7 +62,7 @@ def _strain_sigma() -> float:
     reflections in the detector (fewer by the missing fraction), divided by the shortest
     ``|g|``. The intensity envelope here (Gaussian, 50 px) is broad enough that intensity
     weights change this little."""
-    hk = _nodes()
+    hk = nodes()
     pos = np.asarray(ORIGIN) + hk @ G_REF.T
     hk = hk[((pos >= 3) & (pos <= np.asarray(DETECTOR) - 4)).all(-1)]
     d = np.c_[np.ones(len(hk)), hk]

@@ -112,10 +112,12 @@ def test_disks_contract_csv_and_h5(strained_stack):
     g220 = 2 * math.sqrt(2) / 5.431 / Q_PIXEL
     assert np.min(np.abs(radius - g220)) < 0.05
     # strain from the peak file equals strain from the datacube
-    run("strain", str(h5), "--reference", "0:1,0:1", "--out", str(strained_stack / "from_peaks.h5"))
+    from_peaks, from_cube = strained_stack / "from_peaks.h5", strained_stack / "from_cube.h5"
+    run("strain", str(h5), "--reference", "0:1,0:1", "--out", str(from_peaks))
+    run("strain", str(stack), "--probe", str(probe), "--reference", "0:1,0:1", "--out", str(from_cube))
     with (
-        h5py.File(strained_stack / "from_peaks.h5") as a,
-        h5py.File(strained_stack / "strain.h5") as b,
+        h5py.File(from_peaks) as a,
+        h5py.File(from_cube) as b,
     ):
         np.testing.assert_allclose(a["e_xx"][:], b["e_xx"][:], atol=1e-12)
 
