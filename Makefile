@@ -31,11 +31,9 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stemforge demo --input tests/data/blockfile/test1.blo --out demo_out
 
+# Every benchmark (hours at full size); e.g. `make bench BENCH="--skip-long --skip-py4dstem"`.
 bench: $(STAMP)
-	cd benchmarks && ../$(BIN)/python virtual_imaging.py
-	cd benchmarks && ../$(BIN)/python factory.py
-	cd benchmarks && ../$(BIN)/python disks_vs_py4dstem.py
-	cd benchmarks && ../$(BIN)/python braggpeaks_interop.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info .pytest_cache .ruff_cache

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_table import update_results
+from results_table import peak_rss, update_results
 
 HERE = Path(__file__).resolve().parent
 SECTION = "virtual-imaging"
@@ -88,18 +88,6 @@ def write_cube(path: Path, shape: tuple[int, ...], dtype: str) -> None:
         arr = zarr.open_array(path, mode="w", shape=shape, dtype=dtype, chunks=(4, shape[1], *shape[2:]))
         for i in range(0, shape[0], 4):
             arr[i : i + 4] = rng.integers(0, 1000, (min(4, shape[0] - i), *shape[1:])).astype(dtype)
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process, bytes.
-
-    Read from /proc (VmHWM): ``getrusage``'s ru_maxrss survives ``exec`` on Linux and would
-    report the parent's peak in a freshly started child.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def child(mode: str, path: str, cap: int) -> None:

@@ -36,6 +36,28 @@ def require_finite(block: np.ndarray, rx_offset: int = 0, name: str = "datacube"
         )
 
 
+def load_block(data: Any, rows: slice, check_name: str | None = None) -> np.ndarray:
+    """Scan rows ``rows`` of a datacube array (NumPy, memory map or Dask) as a NumPy array.
+
+    A Dask block is read chunk by chunk into one preallocated array on the calling
+    thread, so reading never holds more than the block and one chunk (computing the slice
+    would hold its chunks and their concatenation, twice the block), and a cluster worker
+    calling this stays on its own thread. With ``check_name`` a block holding NaN or inf
+    raises :class:`InvalidDataError` naming the scan position and ``check_name``.
+    """
+    block = data[rows]
+    if is_lazy(block):
+        import dask.array as da
+
+        out = np.empty(block.shape, block.dtype)
+        da.store(block, out, lock=False, scheduler="synchronous")
+        block = out
+    block = np.asarray(block)
+    if check_name is not None:
+        require_finite(block, rows.start or 0, check_name)
+    return block
+
+
 @dataclass
 class DataCube:
     """A 4D-STEM datacube.
@@ -146,6 +168,12 @@ class DataCube:
         row_bytes = self.shape[1] * self.shape[2] * self.shape[3] * 4
         return max(1, min(self.shape[0], max_bytes // max(row_bytes, 1)))
 
+    def block_slices(self, max_bytes: int = 64 * 2**20) -> list[slice]:
+        """Consecutive slices of scan rows (along Rx), each about ``max_bytes`` as float32."""
+        step = self.rows_per_block(max_bytes)
+        starts = range(0, self.shape[0], step)
+        return [slice(start, min(start + step, self.shape[0])) for start in starts]
+
     def iter_blocks(
         self, max_bytes: int = 64 * 2**20, check_finite: bool = True
     ) -> Iterator[tuple[slice, np.ndarray]]:
@@ -155,14 +183,8 @@ class DataCube:
         block is materialised at a time. With ``check_finite`` a block holding NaN or inf
         raises :class:`InvalidDataError` naming the scan position.
         """
-        step = self.rows_per_block(max_bytes)
-        for start in range(0, self.shape[0], step):
-            sl = slice(start, min(start + step, self.shape[0]))
-            block = self.data[sl]
-            block = np.asarray(block.compute() if is_lazy(block) else block)
-            if check_finite:
-                require_finite(block, start, self.name)
-            yield sl, block
+        for sl in self.block_slices(max_bytes):
+            yield sl, load_block(self.data, sl, self.name if check_finite else None)
 
     def __repr__(self) -> str:
         kind = "lazy" if self.is_lazy else "in memory"

@@ -13,7 +13,6 @@ scheduler the output folder must be on a filesystem that the workers and the dri
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -23,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from stemforge.core.cluster import connect, unpickle
 from stemforge.core.errors import ConfigurationError, ShapeError, StemforgeError
 from stemforge.core.progress import progress_enabled, track
 from stemforge.datasets.io.jsonable import to_jsonable
@@ -74,17 +74,9 @@ def plan_shards(tasks: Sequence[Any], samples_per_shard: int) -> list[tuple[int,
 # ------------------------------------------------------------------ worker side
 
 
-@functools.lru_cache(maxsize=4)
-def _unpickle(payload: bytes) -> Callable[[Any], list[Sample]]:
-    """``simulate_fn`` from its cloudpickle bytes, once per worker process."""
-    import cloudpickle
-
-    return cloudpickle.loads(payload)
-
-
 def _simulate(payload: bytes, task: Any, index: int) -> list[Sample]:
     """Run one task, checking that it returned samples."""
-    samples = _unpickle(payload)(task)
+    samples = unpickle(payload)(task)
     if not isinstance(samples, list | tuple) or not all(isinstance(s, Sample) for s in samples):
         raise ConfigurationError(
             f"simulate_fn returned {type(samples).__name__} for task {index}",
@@ -194,36 +186,12 @@ def _record(manifest: dict[str, Any], done: dict[int, ShardInfo], out: Path) -> 
 @contextmanager
 def _connect(client: Any, n_workers: int | None) -> Iterator[Any]:
     """The client to run on: the given one, one for a scheduler address, or a LocalCluster."""
-    from distributed import Client, LocalCluster
-
     if client is not None and n_workers is not None:
         raise ConfigurationError(
             "n_workers was given with a client", "size the cluster where it is created"
         )
-    if isinstance(client, str):
-        with Client(client) as connected:
-            yield connected
-    elif client is not None:
-        yield client
-    else:
-        cores = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1
-        )
-        # one single-threaded process per core: ~1.9x on 2 cores for abTEM (FIELD-NOTES),
-        # where threads would contend for the GIL
-        with (
-            LocalCluster(
-                n_workers=n_workers or cores,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",  # a free port: concurrent builds never fight over 8787
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as local,
-        ):
-            yield local
+    with connect(client if client is not None else n_workers or "local") as connected:
+        yield connected
 
 
 @contextmanager

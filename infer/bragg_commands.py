@@ -18,7 +18,9 @@ from stemforge.infer.commands import (
     _pair,
     _scan_shape,
     lazy_option,
+    memory_budget_option,
     scan_shape_option,
+    scheduler_option,
 )
 
 PEAK_SUFFIXES = (".csv", ".h5", ".hdf5", ".emd")
@@ -104,9 +106,8 @@ def detection_options(func: Callable) -> Callable:
             default="auto",
             show_default=True,
         ),
-        click.option(
-            "--memory-budget", help="Read the datacube in blocks of about this size, e.g. 256MB."
-        ),
+        memory_budget_option,
+        scheduler_option,
         scan_shape_option,
         lazy_option,
     ]
@@ -128,30 +129,64 @@ DETECTION_KEYS = (
 )
 
 
-def _detect(input_file: str, options: dict[str, Any]):  # noqa: ANN202 - (DataCube, BraggPeaks)
-    """Open ``input_file`` and detect its Bragg disks as the detection options say."""
+# Options that change the peaks: a checkpoint of other values is not resumed.
+JOB_KEYS = (*DETECTION_KEYS, "method", "model", "kernel", "backend")
+
+
+def _detect(input_file: str, options: dict[str, Any], out: Path):  # noqa: ANN202 - 3-tuple
+    """Open ``input_file`` and detect its Bragg disks as the detection options say.
+
+    Returns the cube, its peaks and their checkpoint: finished blocks are kept beside
+    ``out`` (``OUT.partial``), so a rerun of the same command after a kill or an error
+    skips them; the caller removes the checkpoint once its output is written.
+    """
+    from stemforge.datasets.io.lazy import file_token
     from stemforge.infer.bragg_pipeline import detect_bragg_peaks, vacuum_probe
+    from stemforge.infer.checkpoint import BlockCheckpoint, array_digest, checkpoint_path
     from stemforge.infer.disks import DetectionParams
 
     params = DetectionParams(**{k: options[k] for k in DETECTION_KEYS if options[k] is not None})
-    cube = _open(input_file, options["scan_shape"], options["lazy"])
+    cube = _open(
+        input_file,
+        options["scan_shape"],
+        options["lazy"],
+        options["memory_budget"],
+        options["scheduler"],
+    )
     probe = vacuum_probe(
         cube,
         probe=_load_npy(options["probe"], "--probe"),
         region=_roi(options["probe_region"], "--probe-region"),
         radius=options["probe_radius"],
     )
-    peaks = detect_bragg_peaks(
-        cube,
-        probe,
-        method=options["method"],
-        kernel=options["kernel"],
-        params=params,
-        max_bytes=options["memory_budget"],
-        backend=options["backend"],
-        model=options["model"],
-    )
-    return cube, peaks
+    job = {
+        "input": file_token(cube.source, input_file) if cube.source else input_file,
+        "scan_shape": options["scan_shape"],
+        "probe": array_digest(probe),
+        "options": {k: options[k] for k in JOB_KEYS},
+    }
+    checkpoint = BlockCheckpoint(checkpoint_path(out), job)
+    try:
+        peaks = detect_bragg_peaks(
+            cube,
+            probe,
+            method=options["method"],
+            kernel=options["kernel"],
+            params=params,
+            max_bytes=options["memory_budget"],
+            backend=options["backend"],
+            model=options["model"],
+            scheduler=options["scheduler"],
+            checkpoint=checkpoint,
+        )
+    except BaseException:
+        if any(checkpoint.folder.glob("block-*.npz")):
+            click.echo(
+                f"finished blocks are kept in {checkpoint.folder}: rerun the same command to resume",
+                err=True,
+            )
+        raise
+    return cube, peaks, checkpoint
 
 
 def _check_new(path: Path, overwrite: bool) -> None:
@@ -177,6 +212,9 @@ def disks(input_file: str, out: str, overwrite: bool, **options: Any) -> None:
     (N, 1)). The table has one row per peak: rx, ry, qx, qy, intensity, with qx, qy in raw
     detector pixels along array axes -2 and -1 (0 = first pixel) and intensity the
     correlation height. Give the template by --probe, --probe-region or --probe-radius.
+
+    Finished blocks of scan rows are kept in OUT.partial while it runs: rerunning the same
+    command after a kill or an error computes only the rest (strain does the same).
     """
     from stemforge.datasets.io import write_braggpeaks
 
@@ -186,8 +224,9 @@ def disks(input_file: str, out: str, overwrite: bool, **options: Any) -> None:
             f"{out!r}: use one of {', '.join(PEAK_SUFFIXES)}", param_hint="--out"
         )
     _check_new(out_path, overwrite)
-    cube, peaks = _detect(input_file, options)
+    cube, peaks, checkpoint = _detect(input_file, options, out_path)
     write_braggpeaks(peaks, out_path, overwrite=overwrite, calibration=cube.calibration)
+    checkpoint.remove()
     counts = peaks.counts()
     click.echo(
         f"wrote {out_path}: {len(peaks)} peaks in {counts.size} patterns "
@@ -261,8 +300,8 @@ def strain(
     if has_probe:
         from stemforge.infer.bragg_pipeline import with_origin
 
-        cube, peaks = _detect(input_file, options)
-        calibration = with_origin(cube).calibration
+        cube, peaks, checkpoint = _detect(input_file, options, out_path)
+        calibration = with_origin(cube, options["memory_budget"]).calibration
         if peaks_out is not None:
             from stemforge.datasets.io import write_braggpeaks
 
@@ -273,7 +312,7 @@ def strain(
         if peaks_out is not None:
             raise click.UsageError("--peaks-out needs a datacube INPUT and a probe")
         found = read_braggpeaks_file(input_file, scan_shape=_scan_shape(options["scan_shape"]))
-        peaks, calibration = found.peaks, found.calibration
+        peaks, calibration, checkpoint = found.peaks, found.calibration, None
     result = measure_strain(
         peaks,
         calibration,
@@ -287,6 +326,8 @@ def strain(
     written = write_strain(
         out_path, result, calibration=calibration, provenance=provenance, overwrite=overwrite
     )
+    if checkpoint is not None:
+        checkpoint.remove()
     valid = result.strain.mask
     click.echo(f"valid lattice fits: {int(valid.sum())} of {valid.size} positions")
     for path in written:

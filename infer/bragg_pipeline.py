@@ -19,6 +19,7 @@ from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.calibration import Calibration
 from stemforge.core.datacube import DataCube
 from stemforge.core.errors import ConfigurationError, ShapeError
+from stemforge.infer.checkpoint import BlockCheckpoint
 from stemforge.infer.disks import DetectionParams, find_bragg_disks
 from stemforge.infer.lattice import Basis, LatticeFit, choose_basis, fit_lattice
 from stemforge.infer.map_figures import write_strain_pngs
@@ -26,6 +27,10 @@ from stemforge.infer.strain import ReferenceLattice, StrainMap, strain_map
 from stemforge.infer.templates import make_kernel, probe_from_datacube, synthetic_probe
 
 STRAIN_DATASETS: tuple[str, ...] = ("e_xx", "e_yy", "e_xy", "theta", "mask")
+# Blocks of the origin measurement take 1/32 of a memory budget (at most 32 MiB) as float32:
+# the centre-of-mass kernel holds about five times its block (smoothed copy, float64 weights).
+_ORIGIN_SHARE = 32
+_ORIGIN_BLOCK_BYTES = 32 * 2**20
 
 
 def vacuum_probe(
@@ -83,6 +88,8 @@ def detect_bragg_peaks(
     max_bytes: int | str | None = None,
     backend: str = "auto",
     model: str | None = None,
+    scheduler: Any = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> BraggPeaks:
     """Bragg disks of a whole datacube, by correlation or by FCU-Net.
 
@@ -95,10 +102,14 @@ def detect_bragg_peaks(
         file; default the zoo's ``fcunet``) predicts the structure-factor image.
     params
         Peak picking and refinement, for both methods.
+    max_bytes, scheduler, checkpoint
+        Memory budget, cluster and checkpoint, for both methods (see
+        :func:`~stemforge.infer.disks.stream_peaks`).
     """
+    streaming = {"max_bytes": max_bytes, "scheduler": scheduler, "checkpoint": checkpoint}
     if method == "correlation":
         template = make_kernel(probe) if kernel is None else make_kernel(probe, kernel)
-        return find_bragg_disks(cube, template, params, max_bytes=max_bytes, backend=backend)
+        return find_bragg_disks(cube, template, params, backend=backend, **streaming)
     if method == "fcunet":
         from stemforge.infer.fcunet_detect import (
             DEFAULT_MODEL,
@@ -106,9 +117,10 @@ def detect_bragg_peaks(
             load_detector_model,
         )
 
-        device = "cuda" if backend != "numpy" and _cuda() else "cpu"
+        # on a cluster the network runs on the workers' CPUs
+        device = "cuda" if scheduler is None and backend != "numpy" and _cuda() else "cpu"
         network = load_detector_model(model or DEFAULT_MODEL, device=device)
-        return find_bragg_disks_fcunet(cube, probe, network, params, max_bytes=max_bytes)
+        return find_bragg_disks_fcunet(cube, probe, network, params, **streaming)
     raise ConfigurationError(
         f"unknown disk detection method {method!r}", "use 'correlation' or 'fcunet'"
     )
@@ -120,21 +132,25 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def with_origin(cube: DataCube) -> DataCube:
+def with_origin(cube: DataCube, max_bytes: int | str | None = None) -> DataCube:
     """``cube`` with a measured origin when its calibration has none.
 
     The lattice fit needs the origin of every pattern to centre the Bragg vector map; the
     brightest peak near the detector centre (the fallback on bare peak tables) is wrong
     whenever a Bragg disk outshines the direct beam. Here: the centre of mass of the central
     disk of each pattern (no drift model, so stacks of unrelated patterns work too); blank
-    patterns get the median origin. ``stemforge calibrate`` gives more control.
+    patterns get the median origin. ``stemforge calibrate`` gives more control. The cube is
+    streamed in blocks sized from the memory budget ``max_bytes`` (bytes, ``"256MB"``, or
+    None for the readers' default).
     """
     if cube.calibration.qx0 is not None:
         return cube
     from stemforge.core.errors import CalibrationError
+    from stemforge.datasets.io.memory import budget_share
     from stemforge.infer.origin import find_origin
 
-    qx0, qy0 = find_origin(cube, "com")
+    block = budget_share(max_bytes, _ORIGIN_SHARE, _ORIGIN_BLOCK_BYTES)
+    qx0, qy0 = find_origin(cube, "com", max_bytes=block)
     measured = np.isfinite(qx0) & np.isfinite(qy0)
     if not measured.any():
         raise CalibrationError(

@@ -23,10 +23,22 @@ def _scan_shape(value: str | None) -> tuple[int, int] | None:
     return rx, ry
 
 
-def _open(path: str, scan_shape: str | None, lazy: bool | None = None):  # noqa: ANN202 - DataCube
+def _open(  # noqa: ANN202 - DataCube
+    path: str,
+    scan_shape: str | None,
+    lazy: bool | None = None,
+    memory_budget: str | None = None,
+    scheduler: str | None = None,
+):
+    """Open a datacube: lazily when larger than ``memory_budget`` or when run on a cluster
+    (whose workers then read their own blocks from the file), unless ``lazy`` says otherwise."""
     from stemforge.datasets.io import read_datacube
+    from stemforge.datasets.io.memory import parse_size
 
-    return read_datacube(path, scan_shape=_scan_shape(scan_shape), lazy=lazy)
+    if lazy is None and scheduler is not None:
+        lazy = True
+    budget = None if memory_budget is None else parse_size(memory_budget)
+    return read_datacube(path, scan_shape=_scan_shape(scan_shape), lazy=lazy, memory_budget=budget)
 
 
 def _human_bytes(n: float) -> str:
@@ -53,15 +65,31 @@ lazy_option = click.option(
     "--lazy/--eager", default=None, help="Force lazy (Dask) or in-memory reading; default: by size."
 )
 scan_shape_option = click.option("--scan-shape", metavar="RX,RY", help=SCAN_SHAPE_HELP)
+memory_budget_option = click.option(
+    "--memory-budget",
+    metavar="SIZE",
+    help="Memory for the data, e.g. 256MB: larger files are read lazily, in blocks that fit "
+    "[default: $STEMFORGE_MEMORY_BUDGET, else a quarter of the free memory].",
+)
+
+scheduler_option = click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Run on dask.distributed: 'local' (a LocalCluster, one single-threaded worker "
+    "process per core), a number of local workers, or a scheduler address tcp://HOST:PORT. "
+    "Workers read their blocks from the file (on a remote cluster it must be on a shared "
+    "filesystem).",
+)
 
 
 # ---- info -----------------------------------------------------------------------------------
 @click.command()
 @click.argument("file", type=click.Path(path_type=str))
 @scan_shape_option
-def info(file: str, scan_shape: str | None) -> None:
+@memory_budget_option
+def info(file: str, scan_shape: str | None, memory_budget: str | None) -> None:
     """Describe a datacube: shape, dtype, size, calibration, lazy or in memory."""
-    cube = _open(file, scan_shape)
+    cube = _open(file, scan_shape, memory_budget=memory_budget)
     rows = {
         "file": str(file),
         "shape (Rx, Ry, Qx, Qy)": str(cube.shape),
@@ -106,6 +134,8 @@ def info(file: str, scan_shape: str | None) -> None:
 )
 @click.option("--out", "-o", required=True, help="Output .npy, .png or .tif; several outputs get -NAME added.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@memory_budget_option
+@scheduler_option
 @scan_shape_option
 @lazy_option
 def virtual(
@@ -116,10 +146,16 @@ def virtual(
     pattern: str | None,
     out: str,
     overwrite: bool,
+    memory_budget: str | None,
+    scheduler: str | None,
     scan_shape: str | None,
     lazy: bool | None,
 ) -> None:
-    """Virtual images (bright field, annular dark field, any mask) and virtual diffraction."""
+    """Virtual images (bright field, annular dark field, any mask) and virtual diffraction.
+
+    With --scheduler the datacube is read lazily and the images are computed chunk by chunk
+    on the cluster's workers, each reading its chunks from the file.
+    """
     from stemforge.core.errors import ConfigurationError
     from stemforge.infer.image_output import check_image_path, write_image
 
@@ -128,14 +164,17 @@ def virtual(
         raise ConfigurationError("nothing to compute", "give --detector SPEC (repeatable) and/or --pattern mean|max")
     from stemforge.infer.virtual import virtual_from_specs
 
-    cube = _open(file, scan_shape, lazy)
+    cube = _open(file, scan_shape, lazy, memory_budget, scheduler)
     if centered and detectors and not cube.calibration.has_origin:
         from stemforge.infer.calibrate import measure_origin
 
         click.echo("origin not calibrated: measuring it by centre of mass (run `stemforge calibrate` to keep it)")
         _, _, fit = measure_origin(cube)
         cube = cube.with_calibration(cube.calibration.replace(qx0=fit.qx0, qy0=fit.qy0))
-    results = virtual_from_specs(cube, detectors, units=units, centered=centered, pattern=pattern)
+    with _cluster(scheduler):  # the default Dask scheduler inside: lazy cubes compute there
+        results = virtual_from_specs(
+            cube, detectors, units=units, centered=centered, pattern=pattern
+        )
     paths = output_paths(out_path, list(results))
     for path in paths.values():  # refuse before writing anything
         if path.exists() and not overwrite:
@@ -143,6 +182,18 @@ def virtual(
     for name, image in results.items():
         write_image(paths[name], image, log=name in ("mean", "max"), overwrite=overwrite)
         click.echo(f"wrote {paths[name]}  ({name}, shape {image.shape})")
+
+
+def _cluster(scheduler: str | None):  # noqa: ANN202 - a context manager
+    """A dask.distributed client for ``--scheduler`` (the default scheduler while open), or
+    nothing."""
+    if scheduler is None:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    from stemforge.core.cluster import connect
+
+    return connect(scheduler)
 
 
 def output_paths(out: Path, names: list[str]) -> dict[str, Path]:
@@ -208,6 +259,7 @@ def _pair(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--q-units", type=click.Choice(["A^-1", "nm^-1", "mrad"]), default="A^-1", show_default=True)
 @click.option("--out", help="Write the calibration (JSON) here instead of next to the data / into the EMD file.")
 @click.option("--report", "report_dir", help="Folder for PNG maps of the origin and the mean pattern.")
+@memory_budget_option
 @scan_shape_option
 @lazy_option
 def calibrate(
@@ -226,6 +278,7 @@ def calibrate(
     q_units: str,
     out: str | None,
     report_dir: str | None,
+    memory_budget: str | None,
     scan_shape: str | None,
     lazy: bool | None,
 ) -> None:
@@ -239,7 +292,7 @@ def calibrate(
 
     if method == "xcorr" and probe is None:
         raise ConfigurationError("--method xcorr needs a template", "give --probe PROBE.npy (a vacuum probe image)")
-    cube = _open(file, scan_shape, lazy)
+    cube = _open(file, scan_shape, lazy, memory_budget)
     manual = {
         key: value
         for key, value in {

@@ -29,7 +29,10 @@ a datacube through it with bounded memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,22 +41,31 @@ import numpy as np
 from scipy import fft as sfft
 
 from stemforge.core.braggpeaks import BraggPeaks
-from stemforge.core.datacube import DataCube
+from stemforge.core.cluster import map_ordered
+from stemforge.core.datacube import DataCube, load_block
 from stemforge.core.errors import ConfigurationError, InvalidDataError, ShapeError
-from stemforge.core.progress import track
+from stemforge.infer.checkpoint import BlockCheckpoint
 from stemforge.infer.origin import _dft_factors, _dft_values, _parabola_offset, _peak_on_grid
 from stemforge.infer.templates import kernel_radius
 
 SUBPIXEL_METHODS: tuple[str, ...] = ("none", "parabolic", "dft")
 BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch")
 
-# Complex spectra of one FFT batch stay below this many bytes.
+# Complex spectra of one FFT batch stay below this many bytes (and a share of a budget).
 _FFT_BATCH_BYTES = 64 * 2**20
-# DFT matrices of one refinement batch stay below this many bytes.
+# DFT matrices of one refinement batch stay below this many bytes (and a share of a budget).
 _DFT_BATCH_BYTES = 32 * 2**20
-# Blocks of a datacube read at once when find_bragg_disks is given no max_bytes: the FFT
-# batches inside bound the working memory, so larger blocks buy nothing but a coarser bar.
-_DEFAULT_BLOCK_BYTES = 128 * 2**20
+# Largest block of scan rows (as float32): a few hundred patterns, enough work per block
+# that reading and scheduling cost nothing, small enough that a cluster gets many blocks to
+# share out and a checkpoint loses little to a kill. The FFT batches inside bound the working
+# memory, so larger blocks would buy nothing.
+_MAX_BLOCK_BYTES = 32 * 2**20
+# Shares of a memory budget: a block takes 1/8 of it as float32, the spectra of an FFT batch
+# and the matrices of a DFT batch 1/16 each. With their temporaries (the chunks a block is
+# read from, float32 batches, correlations) a detection then holds about half the budget,
+# leaving the rest to the interpreter and libraries (~100 MB) from 256 MB up.
+_BLOCK_SHARE = 8
+_BATCH_SHARE = 16
 # Default edge margin beyond the probe radius, pixels: a probe's soft edge (10 % at R + 1.1
 # px for a 1-px edge) must lie on the detector too, or the cut pulls the peak inwards.
 _EDGE_ALLOWANCE = 1.0
@@ -652,6 +664,7 @@ def _dft_refine(
     upsample: int,
     evaluate: Any,
     complex_dtype: type,
+    batch_bytes: int = _DFT_BATCH_BYTES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DFT refinement of flat peaks (grouped by pattern) on any backend.
 
@@ -659,6 +672,7 @@ def _dft_refine(
     batch of patterns is two batched matrix products; ``evaluate(spectrum, lo, hi,
     factors)`` runs them where the spectrum lives and returns NumPy values. The phase
     factors take the spectrum's precision (``complex_dtype``): complex64 halves the cost.
+    The factors of one batch stay within ``batch_bytes``.
     """
     n = len(spectrum)
     rank, counts = _ranks(b, n)
@@ -670,7 +684,7 @@ def _dft_refine(
     width = int(counts.max())
     m = 2 * math.ceil(0.75 * upsample) + 1
     per_pattern = 16 * width * m * (2 * shape[0] + 2 * (shape[1] // 2 + 1))
-    step = max(1, _DFT_BATCH_BYTES // per_pattern)
+    step = max(1, batch_bytes // per_pattern)
     centers = np.zeros((n, width, 2))
     centers[b, rank, 0] = i
     centers[b, rank, 1] = j
@@ -759,7 +773,13 @@ class _TorchOps:
 
 
 def _cuda_available() -> bool:
-    """True when torch is installed and sees a CUDA device."""
+    """True when torch is installed and sees a CUDA device.
+
+    On Linux without an NVIDIA device node torch is not even imported: that alone would
+    add ~200 MB to the memory of a correlation run that never uses it.
+    """
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia*"):
+        return False
     try:
         import torch
     except ImportError:
@@ -777,6 +797,7 @@ class _Detector:
         params: DetectionParams | None,
         backend: str,
         workers: int,
+        max_bytes: int | str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigurationError(f"unknown backend {backend!r}", f"use one of {BACKENDS}")
@@ -797,8 +818,14 @@ class _Detector:
             self.ops: Any = _TorchOps(kernel_fft, params, shape)
         else:
             self.ops = _NumpyOps(kernel_fft, params, shape, workers)
-        # Patterns per FFT batch: their complex spectra stay within _FFT_BATCH_BYTES.
-        self.batch = max(1, _FFT_BATCH_BYTES // (16 * shape[0] * (shape[1] // 2 + 1)))
+        fft_bytes, self.dft_bytes = _FFT_BATCH_BYTES, _DFT_BATCH_BYTES
+        if max_bytes is not None:  # a memory budget: batches take shares of it
+            from stemforge.datasets.io.memory import budget_share
+
+            fft_bytes = budget_share(max_bytes, _BATCH_SHARE, _FFT_BATCH_BYTES)
+            self.dft_bytes = budget_share(max_bytes, _BATCH_SHARE, _DFT_BATCH_BYTES)
+        # Patterns per FFT batch: their complex spectra stay within fft_bytes.
+        self.batch = max(1, fft_bytes // (16 * shape[0] * (shape[1] // 2 + 1)))
 
     def __call__(self, patterns: Any, start: int = 0) -> list[np.ndarray]:
         patterns = _check_stack(patterns)
@@ -808,10 +835,16 @@ class _Detector:
                 f"{self.shape}",
                 "build the kernel from a probe of the detector shape",
             )
+        from threadpoolctl import threadpool_limits
+
         tables: list[np.ndarray] = []
-        for lo in range(0, patterns.shape[0], self.batch):
-            batch = _finite_batch(patterns[lo : lo + self.batch], start + lo)
-            tables.extend(self._detect(batch))
+        # BLAS on one thread: OpenBLAS's complex products of the DFT refinement differ in the
+        # last bits between thread counts, and cluster workers run one thread, so this keeps
+        # a block's peaks the same wherever it runs; threads gained those products <= 10 %.
+        with threadpool_limits(1, user_api="blas"):
+            for lo in range(0, patterns.shape[0], self.batch):
+                batch = _finite_batch(patterns[lo : lo + self.batch], start + lo)
+                tables.extend(self._detect(batch))
         return tables
 
     def _detect(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -825,7 +858,9 @@ class _Detector:
             qx, qy = i + dx, j + dy
         elif p.subpixel == "dft":
             cdtype = _complex_dtype(batch.dtype)
-            qx, qy, v = _dft_refine(spec, self.shape, b, i, j, p.upsample, ops.dft, cdtype)
+            qx, qy, v = _dft_refine(
+                spec, self.shape, b, i, j, p.upsample, ops.dft, cdtype, self.dft_bytes
+            )
         else:
             return _split(b, i, j, v, n)
         # The integer margin lets refined peaks up to half a pixel inside the edge through.
@@ -877,12 +912,15 @@ def find_bragg_disks(
     backend: str = "auto",
     *,
     workers: int = -1,
+    scheduler: Any = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> BraggPeaks:
     """Find the Bragg disks of every pattern of a datacube, block by block.
 
     Memory stays bounded for in-memory, memory-mapped and Dask-backed cubes alike: one
-    block of scan rows (about ``max_bytes`` as float32) is read at a time, and the FFTs
-    inside run in batches of at most 64 MiB of spectra. A progress bar shows on a terminal.
+    block of scan rows is read at a time and the FFTs and refinements inside run in
+    batches, all sized from the memory budget ``max_bytes`` (a detection holds about half
+    of it). A progress bar shows on a terminal.
 
     Parameters
     ----------
@@ -893,10 +931,13 @@ def find_bragg_disks(
     params
         Detection settings (see :func:`detect_patterns`).
     max_bytes
-        Block size, bytes or a size such as ``"256MB"``; default 128 MiB (or the memory
-        budget, ``STEMFORGE_MEMORY_BUDGET``, if smaller).
+        Memory budget, bytes or a size such as ``"256MB"``; default the readers' budget
+        (``STEMFORGE_MEMORY_BUDGET``, else a quarter of the free memory).
     backend, workers
-        See :func:`detect_patterns`.
+        See :func:`detect_patterns`; on a cluster ``workers=-1`` means one FFT thread per
+        task (each worker thread runs its own task).
+    scheduler, checkpoint
+        See :func:`stream_peaks`.
 
     Returns
     -------
@@ -909,8 +950,12 @@ def find_bragg_disks(
         A pattern holds NaN or inf (the error names its ``rx, ry``).
     """
     _require_cube(cube)
-    detector = _Detector(kernel, cube.detector_shape, params, backend, workers)
-    return stream_peaks(cube, detector, max_bytes, "Bragg disks")
+    if scheduler is not None and workers == -1:
+        workers = 1
+    detector = _Detector(kernel, cube.detector_shape, params, backend, workers, max_bytes)
+    return stream_peaks(
+        cube, detector, max_bytes, "Bragg disks", scheduler=scheduler, checkpoint=checkpoint
+    )
 
 
 def _require_cube(cube: Any) -> None:
@@ -926,12 +971,15 @@ def stream_peaks(
     detect: Callable[..., list[np.ndarray]],
     max_bytes: int | str | None = None,
     description: str = "Bragg disks",
+    *,
+    scheduler: Any = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> BraggPeaks:
     """Run a per-stack peak detector over a datacube, one block of scan rows at a time.
 
     Shared by every disk detector (correlation, FCU-Net), so memory stays bounded the same
-    way for in-memory, memory-mapped and Dask-backed cubes, and NaN/inf are reported by
-    position.
+    way for in-memory, memory-mapped and Dask-backed cubes, NaN/inf are reported by
+    position, and every detector runs on a cluster and resumes from a checkpoint alike.
 
     Parameters
     ----------
@@ -939,27 +987,51 @@ def stream_peaks(
         The datacube ``(Rx, Ry, Qx, Qy)``.
     detect
         ``detect(stack, start=...)`` → one ``(n, 3)`` table per pattern of the
-        ``(N, Qx, Qy)`` stack; ``start`` is the flat scan index of its first pattern.
+        ``(N, Qx, Qy)`` stack; ``start`` is the flat scan index of its first pattern. On a
+        cluster it travels to the workers (cloudpickle).
     max_bytes
-        Block size, bytes or a size such as ``"256MB"``; default 128 MiB (or the memory
-        budget, ``STEMFORGE_MEMORY_BUDGET``, if smaller).
+        Memory budget, bytes or a size such as ``"256MB"``; default the readers' budget
+        (``STEMFORGE_MEMORY_BUDGET``, else a quarter of the free memory). Blocks of scan
+        rows take 1/8 of it as float32 (at most 32 MiB); give the detector the same budget
+        for its batches.
     description
         Label of the progress bar.
+    scheduler
+        None: run in this process. ``"local"``, a worker count, a scheduler address or a
+        ``distributed.Client``: one task per block on that cluster
+        (:func:`~stemforge.core.cluster.map_ordered`: retried, in block order). Workers
+        read their block from the file themselves when the cube is lazy (open it with
+        ``read_datacube(..., lazy=True)``); an in-memory cube is sent to each worker whole.
+    checkpoint
+        Keep finished blocks here as they finish and skip those a previous run of the same
+        job left (:class:`~stemforge.infer.checkpoint.BlockCheckpoint`).
     """
     # Imported here: the readers' package loads h5py and zarr, needed only to stream a cube.
-    from stemforge.datasets.io.memory import default_memory_budget, parse_size
+    from stemforge.datasets.io.memory import budget_share
 
     _require_cube(cube)
-    budget = (
-        min(_DEFAULT_BLOCK_BYTES, default_memory_budget())
-        if max_bytes is None
-        else parse_size(max_bytes)
-    )
-    rows = cube.rows_per_block(budget)
-    n_blocks = math.ceil(cube.scan_shape[0] / rows)
-    tables: list[np.ndarray] = []
-    blocks = cube.iter_blocks(budget, check_finite=True)
-    for sl, block in track(blocks, total=n_blocks, description=description):
-        stack = np.asarray(block).reshape(-1, *cube.detector_shape)
-        tables.extend(detect(stack, start=sl.start * cube.scan_shape[1]))
+    slices = cube.block_slices(budget_share(max_bytes, _BLOCK_SHARE, _MAX_BLOCK_BYTES))
+    done: dict[int, list[np.ndarray]] = {}
+    if checkpoint is not None:
+        layout = {"shape": list(cube.shape), "rows_per_block": slices[0].stop}
+        done = checkpoint.open(layout, len(slices))
+    todo = [i for i in range(len(slices)) if i not in done]
+
+    def finished(k: int, tables: list[np.ndarray]) -> None:
+        done[todo[k]] = tables
+        if checkpoint is not None:
+            checkpoint.save(todo[k], tables)
+
+    work = functools.partial(_block_peaks, detect, cube.data, cube.name)
+    todo_slices = [slices[i] for i in todo]
+    map_ordered(work, todo_slices, scheduler, on_result=finished, description=description)
+    tables = [table for i in range(len(slices)) for table in done[i]]
     return BraggPeaks.from_patterns(tables, cube.scan_shape, cube.detector_shape)
+
+
+def _block_peaks(
+    detect: Callable[..., list[np.ndarray]], data: Any, name: str, rows: slice
+) -> list[np.ndarray]:
+    """Peak tables of the scan rows ``rows`` of ``data``, read here (on a worker, from the file)."""
+    block = load_block(data, rows, name)
+    return detect(block.reshape(-1, *block.shape[2:]), start=rows.start * block.shape[1])

@@ -20,6 +20,7 @@ import numpy as np
 from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.datacube import DataCube
 from stemforge.core.errors import ConfigurationError, ShapeError
+from stemforge.infer.checkpoint import BlockCheckpoint
 from stemforge.infer.disks import (
     DetectionParams,
     find_peaks,
@@ -115,11 +116,15 @@ def find_bragg_disks_fcunet(
     model: Any,
     params: DetectionParams | None = None,
     max_bytes: int | str | None = None,
+    *,
+    scheduler: Any = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> BraggPeaks:
     """FCU-Net disk detection over a datacube, block by block of scan rows.
 
     ``params`` as for correlation; unset ``min_spacing`` and ``edge`` default to the probe
-    radius, as there.
+    radius, as there. ``max_bytes``, ``scheduler`` and ``checkpoint`` as for
+    :func:`~stemforge.infer.disks.stream_peaks` (the network travels to each worker).
     """
     if np.shape(probe) != cube.detector_shape:
         raise ShapeError(
@@ -131,4 +136,6 @@ def find_bragg_disks_fcunet(
     def detect(stack: np.ndarray, start: int) -> list[np.ndarray]:
         return peaks_from_prediction(predict(model, stack, probe), params)
 
-    return stream_peaks(cube, detect, max_bytes, "FCU-Net disks")
+    return stream_peaks(
+        cube, detect, max_bytes, "FCU-Net disks", scheduler=scheduler, checkpoint=checkpoint
+    )

@@ -75,6 +75,44 @@ def crystal_metadata(structure, symprec: float = 1e-3) -> dict[str, Any]:
     }
 
 
+#: Free lattice parameters of each crystal system, as indices into (a, b, c, α, β, γ).
+FREE_LATTICE_PARAMETERS = {
+    "cubic": (0,),
+    "tetragonal": (0, 2),
+    "trigonal": (0, 2),
+    "hexagonal": (0, 2),
+    "orthorhombic": (0, 1, 2),
+    "monoclinic": (0, 1, 2, 4),
+    "triclinic": (0, 1, 2, 3, 4, 5),
+}
+
+
+def lattice_parameters(structure, crystal_system: str) -> np.ndarray:
+    """(a, b, c, α, β, γ) of a conventional standard cell in the convention of its system.
+
+    Conventions fix what a regression predicts: cubic a = b = c; tetragonal, trigonal and
+    hexagonal a = b with c unique (hexagonal axes for rhombohedral lattices, as spglib's
+    standard cell has them); orthorhombic a ≤ b ≤ c; monoclinic unique axis b with β ≥ 90°;
+    triclinic the Niggli-reduced cell. Lengths in Å, angles in degrees.
+    """
+    lattice = structure.lattice
+    if crystal_system == "triclinic":
+        lattice = lattice.get_niggli_reduced_lattice()
+    a, b, c = lattice.abc
+    alpha, beta, gamma = lattice.angles
+    if crystal_system == "cubic":
+        a = b = c = (a + b + c) / 3
+    elif crystal_system in ("tetragonal", "trigonal", "hexagonal"):
+        a = b = (a + b) / 2
+    elif crystal_system == "orthorhombic":
+        a, b, c = sorted((a, b, c))
+    elif crystal_system == "monoclinic":
+        beta = max(beta, 180.0 - beta)
+    elif crystal_system != "triclinic":
+        raise ValueError(f"unknown crystal system {crystal_system!r}")
+    return np.array([a, b, c, alpha, beta, gamma], float)
+
+
 # ---- kernels --------------------------------------------------------------------------------
 
 

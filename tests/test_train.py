@@ -52,6 +52,11 @@ TRAINERS = ["cpu", "gpu", "ddp", "ddp_spawn"]
 LOGGERS = ["wandb", "csv"]
 LAUNCHERS = [None, "joblib", "submitit_slurm"]
 MODELS = {"fcunet_small": FCUNet, "fcunet": FCUNet, "unet_small": UNet, "unet": UNet}
+# Crystal identification: its own experiments, models and data (tests/test_crystal_id*.py).
+CRYSTAL_ID = {
+    "experiment": ["crystal_id_nn", "crystal_id_rf"],
+    "model": ["crystal_id_nn", "crystal_id_rf"],
+}
 # the smallest networks that run on 32² patterns
 TINY = {
     "fcunet_small": ["model.depth=2", "model.width=4", "model.max_width=8", "model.refine_width=4"],
@@ -289,9 +294,12 @@ def test_every_experiment_and_group_option_composes(dataset, tmp_path):
             "hydra/launcher",
         )
     }
-    assert groups["experiment"] == sorted(e for e in EXPERIMENTS if e)
+    assert groups["experiment"] == sorted(
+        [*(e for e in EXPERIMENTS if e), *CRYSTAL_ID["experiment"]]
+    )
     assert groups["trainer"] == sorted(["default", *TRAINERS])
-    assert groups["logger"] == sorted(LOGGERS) and groups["model"] == sorted(MODELS)
+    assert groups["logger"] == sorted(LOGGERS)
+    assert groups["model"] == sorted([*MODELS, *CRYSTAL_ID["model"]])
     assert groups["hydra/launcher"] == sorted(e for e in LAUNCHERS if e)
     with initialize_config_dir(config_dir(), version_base="1.3", job_name="train"):
         for i, (experiment, trainer) in enumerate((e, t) for e in EXPERIMENTS for t in TRAINERS):

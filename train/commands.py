@@ -1,4 +1,5 @@
-"""``stemforge train [OVERRIDES]``: train a network with Hydra configs and Lightning."""
+"""``stemforge train [OVERRIDES]``: train a model from Hydra configs (networks with
+Lightning, crystal-identification forests with scikit-learn)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import click
     "(locally in parallel with hydra/launcher=joblib, on SLURM with hydra/launcher=submitit_slurm).",
 )
 def train(overrides: tuple[str, ...], show_config: bool, multirun: bool) -> None:
-    """Train a network on a simulated dataset; export the best weights for the zoo.
+    """Train a model on simulated data; export the best one for the zoo.
 
-    OVERRIDES are Hydra overrides: config groups (experiment=fcunet_small|fcunet|unet_small,
-    model=..., trainer=cpu|gpu|ddp|ddp_spawn, logger=wandb|csv, hydra/launcher=joblib|
-    submitit_slurm) and key=value pairs, e.g.
+    OVERRIDES are Hydra overrides: config groups (experiment=fcunet_small|fcunet|unet_small|
+    crystal_id_rf|crystal_id_nn, model=..., trainer=cpu|gpu|ddp|ddp_spawn, logger=wandb|csv,
+    hydra/launcher=joblib|submitit_slurm) and key=value pairs, e.g.
 
     \b
       stemforge train experiment=fcunet_small data.path=data/small trainer.max_epochs=5

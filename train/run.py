@@ -116,17 +116,21 @@ def check_config(cfg: Any, *, launcher: str | None = None) -> None:
     """
     from omegaconf import OmegaConf
 
-    if OmegaConf.is_missing(cfg.data, "path"):
-        raise ConfigurationError(
-            "no training data given",
-            "add data.path=DIR, a folder written by `stemforge simulate` (e.g. "
-            "`stemforge simulate fcunet_small out=data/small`)",
-        )
-    if not Path(cfg.data.path).is_dir():
-        raise MissingFileError(
-            f"the dataset folder {cfg.data.path} does not exist",
-            "check data.path, or simulate the data first with `stemforge simulate PRESET out=DIR`",
-        )
+    task = cfg.get("task", "fcunet")
+    if task == "crystal_id":
+        return  # its peak-list file is built on first use
+    if task != "crystal_id_nn":  # which, like crystal_id, builds its peak lists
+        if OmegaConf.is_missing(cfg.data, "path"):
+            raise ConfigurationError(
+                "no training data given",
+                "add data.path=DIR, a folder written by `stemforge simulate` (e.g. "
+                "`stemforge simulate fcunet_small out=data/small`)",
+            )
+        if not Path(cfg.data.path).is_dir():
+            raise MissingFileError(
+                f"the dataset folder {cfg.data.path} does not exist",
+                "check data.path, or simulate the data first with `stemforge simulate PRESET out=DIR`",
+            )
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if strategy.startswith("ddp") and not _spawns(strategy) and launcher not in (None, "submitit"):
         # Lightning relaunches the script for the other ranks, which then re-runs the sweep.
@@ -296,7 +300,16 @@ def train(cfg: Any) -> dict[str, float | None]:
 
 def task(cfg: Any) -> float | None:
     """Hydra's task function: one training run; returns ``optimized_metric`` for sweepers."""
-    metrics = train(cfg)
+    if cfg.get("task", "fcunet") == "crystal_id":
+        from stemforge.train.crystal_id import train_crystal_id
+
+        metrics: dict[str, float | None] = dict(train_crystal_id(cfg))
+    elif cfg.get("task") == "crystal_id_nn":
+        from stemforge.train.crystal_id_nn import train_crystal_id_nn
+
+        metrics = train_crystal_id_nn(cfg)
+    else:
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 

@@ -20,6 +20,7 @@ from stemforge.datasets.io.calibration_sidecar import (
 from stemforge.datasets.io.emd import is_emd1, read_emd, write_emd, write_emd_calibration
 from stemforge.datasets.io.hdf5 import open_h5
 from stemforge.datasets.io.lazy import rechunk_scan
+from stemforge.datasets.io.memory import chunk_target
 from stemforge.datasets.io.npy import read_npy, write_npy
 from stemforge.datasets.io.prismatic import is_prismatic, read_prismatic
 from stemforge.datasets.io.rsciio_formats import PLUGINS, read_arina, read_rsciio
@@ -124,7 +125,9 @@ def _read_raw(
     )
 
 
-def _to_cube(data: Any, scan_shape: tuple[int, int] | None, **kwargs: Any) -> DataCube:
+def _to_cube(
+    data: Any, scan_shape: tuple[int, int] | None, chunk_bytes: int, **kwargs: Any
+) -> DataCube:
     """A DataCube from 3D or 4D data, reshaping the scan when ``scan_shape`` asks to."""
     if data.ndim == 4 and (scan_shape is None or tuple(scan_shape) == tuple(data.shape[:2])):
         return DataCube(data, **kwargs)
@@ -132,7 +135,7 @@ def _to_cube(data: Any, scan_shape: tuple[int, int] | None, **kwargs: Any) -> Da
         data = data.reshape(-1, *data.shape[2:])
     cube = DataCube.from_stack(data, scan_shape, **kwargs)
     if cube.is_lazy:  # a reshape can merge chunks across scan rows
-        cube.data = rechunk_scan(cube.data)
+        cube.data = rechunk_scan(cube.data, chunk_bytes)
     return cube
 
 
@@ -194,7 +197,7 @@ def read_datacube(
         "metadata": metadata,
     }
     try:
-        return _to_cube(data, scan_shape, **kwargs)
+        return _to_cube(data, scan_shape, chunk_target(memory_budget), **kwargs)
     except ShapeError as err:
         if sidecar is None or not isinstance(sidecar.qx0, np.ndarray):
             raise

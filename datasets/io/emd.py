@@ -28,7 +28,7 @@ from stemforge.core.units import length_to_angstrom, reciprocal_to_calibration
 from stemforge.datasets.io.hdf5 import attr_str, open_h5
 from stemforge.datasets.io.jsonable import to_jsonable
 from stemforge.datasets.io.lazy import H5Source, as_dask, file_token
-from stemforge.datasets.io.memory import copy_scan_rows, want_lazy
+from stemforge.datasets.io.memory import chunk_target, copy_scan_rows, want_lazy
 from stemforge.datasets.io.py4dstem_calibration import (
     MANAGED_KEYS,
     calibration_from_py4dstem,
@@ -191,7 +191,8 @@ def read_emd(
                 "select a 4D datacube or a 3D stack of patterns",
             )
         if want_lazy(int(np.prod(shape)) * dtype.itemsize, lazy, memory_budget):
-            data = as_dask(H5Source(path, name, shape, dtype), file_token(path, name))
+            source = H5Source(path, name, shape, dtype)
+            data = as_dask(source, file_token(path, name), chunk_target(memory_budget))
         else:
             data = dset[()]
     return data, calibration, metadata

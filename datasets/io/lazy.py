@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stemforge.core.errors import FileFormatError
-from stemforge.datasets.io.memory import scan_chunks
+from stemforge.datasets.io.memory import CHUNK_BYTES, scan_chunks
 
 
 def contiguous_selection(key: Any, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
@@ -107,7 +107,7 @@ class H5Source:
             return f[self.dataset][key]
 
 
-def as_dask(source: Any, token: str) -> Any:
+def as_dask(source: Any, token: str, chunk_bytes: int = CHUNK_BYTES) -> Any:
     """Wrap an array-like (``shape``, ``dtype``, ``__getitem__``) in a scan-chunked Dask array.
 
     Parameters
@@ -117,13 +117,16 @@ def as_dask(source: Any, token: str) -> Any:
     token
         Identifies the content (path, dataset, modification time): equal tokens share
         Dask's cache and graph keys, different files never do.
+    chunk_bytes
+        Target bytes per chunk (:func:`~stemforge.datasets.io.memory.chunk_target`).
     """
     import dask.array as da
     from dask.base import tokenize
 
-    chunks = scan_chunks(tuple(source.shape), np.dtype(source.dtype).itemsize)
+    chunks = scan_chunks(tuple(source.shape), np.dtype(source.dtype).itemsize, chunk_bytes)
     meta = np.empty((0,) * len(source.shape), dtype=source.dtype)  # spares a read to guess it
-    return da.from_array(source, chunks=chunks, name=f"stemforge-{tokenize(token)}", meta=meta)
+    name = f"stemforge-{tokenize(token, chunks)}"
+    return da.from_array(source, chunks=chunks, name=name, meta=meta)
 
 
 def file_token(path: Path, *parts: object) -> str:
@@ -132,9 +135,9 @@ def file_token(path: Path, *parts: object) -> str:
     return "|".join(str(p) for p in (path.resolve(), stat.st_size, stat.st_mtime_ns, *parts))
 
 
-def rechunk_scan(data: Any) -> Any:
+def rechunk_scan(data: Any, chunk_bytes: int = CHUNK_BYTES) -> Any:
     """Rechunk a Dask ``(..., Qx, Qy)`` array so that chunks split scan axes only."""
-    target = scan_chunks(tuple(data.shape), data.dtype.itemsize)
+    target = scan_chunks(tuple(data.shape), data.dtype.itemsize, chunk_bytes)
     if data.chunksize == target:
         return data
     return data.rechunk(target)

@@ -93,6 +93,26 @@ def default_memory_budget() -> int:
     return int(min(max(available // 4, _MIN_BUDGET), _MAX_BUDGET))
 
 
+def budget_share(memory_budget: int | str | None, share: int, cap: int) -> int:
+    """``1/share`` of the memory budget, in bytes, at most ``cap``.
+
+    ``memory_budget`` is bytes, a size such as ``"256MB"``, or None for
+    :func:`default_memory_budget`. Analyses size their blocks and batches with it, so that
+    their working memory follows the budget rather than the data.
+    """
+    budget = default_memory_budget() if memory_budget is None else parse_size(memory_budget)
+    return max(1, min(cap, budget // share))
+
+
+def chunk_target(memory_budget: int | None) -> int:
+    """Bytes per lazy chunk: :data:`CHUNK_BYTES`, or 1/16 of a smaller given budget.
+
+    A block of an analysis is read chunk by chunk, each chunk whole, so chunks must be
+    small next to the budget for the reading to stay within it.
+    """
+    return CHUNK_BYTES if memory_budget is None else budget_share(memory_budget, 16, CHUNK_BYTES)
+
+
 def want_lazy(nbytes: int, lazy: bool | None, memory_budget: int | None) -> bool:
     """Resolve ``lazy=None`` to: lazy iff the array is larger than the memory budget."""
     if lazy is not None:

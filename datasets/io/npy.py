@@ -12,7 +12,7 @@ from stemforge.core.calibration import Calibration
 from stemforge.core.datacube import DataCube
 from stemforge.core.errors import FileFormatError, ShapeError
 from stemforge.datasets.io.lazy import NpySource, as_dask, file_token
-from stemforge.datasets.io.memory import copy_scan_rows, want_lazy
+from stemforge.datasets.io.memory import chunk_target, copy_scan_rows, want_lazy
 
 FORMAT = "NumPy .npy"
 
@@ -77,7 +77,9 @@ def read_npy(
         )
     if want_lazy(math.prod(shape) * dtype.itemsize, lazy, memory_budget):
         data = as_dask(
-            NpySource(path, shape, dtype, None if fortran_order else offset), file_token(path)
+            NpySource(path, shape, dtype, None if fortran_order else offset),
+            file_token(path),
+            chunk_target(memory_budget),
         )
     else:
         data = np.load(path, allow_pickle=False)

@@ -19,7 +19,7 @@ from stemforge.core.errors import FileFormatError
 from stemforge.datasets.io.hdf5 import open_h5
 from stemforge.datasets.io.jsonable import to_jsonable
 from stemforge.datasets.io.lazy import H5Source, as_dask, file_token
-from stemforge.datasets.io.memory import want_lazy
+from stemforge.datasets.io.memory import chunk_target, want_lazy
 
 FORMAT = "Prismatic EMD"
 SIMULATION = "4DSTEM_simulation"
@@ -67,7 +67,8 @@ def read_prismatic(
         )
         shape, dtype, dset_name = tuple(dset.shape), dset.dtype, dset.name
         if want_lazy(int(np.prod(shape)) * dtype.itemsize, lazy, memory_budget):
-            data = as_dask(H5Source(path, dset_name, shape, dtype), file_token(path, dset_name))
+            source = H5Source(path, dset_name, shape, dtype)
+            data = as_dask(source, file_token(path, dset_name), chunk_target(memory_budget))
         else:
             data = dset[()]
     q_step = float(qx[1] - qx[0])

@@ -34,7 +34,7 @@ from stemforge.core.errors import (
 from stemforge.core.units import length_to_angstrom, reciprocal_to_calibration
 from stemforge.datasets.io.hdf5 import open_h5
 from stemforge.datasets.io.lazy import H5Source, as_dask, file_token, rechunk_scan
-from stemforge.datasets.io.memory import want_lazy
+from stemforge.datasets.io.memory import chunk_target, want_lazy
 
 #: Extension → (RosettaSciIO plugin, format name).
 PLUGINS = {
@@ -152,7 +152,7 @@ def _load(data: Any, path: Path, lazy: bool | None, memory_budget: int | None) -
         if want_lazy(int(data.nbytes), lazy, memory_budget):
             nav = data.ndim - 2
             data[(0,) * nav].compute(), data[(-1,) * nav].compute()
-            return rechunk_scan(data)
+            return rechunk_scan(data, chunk_target(memory_budget))
         return np.asarray(data.compute())
     except FileNotFoundError as err:
         raise MissingFileError(
@@ -299,11 +299,16 @@ def read_arina(
     if want_lazy(n_frames * math.prod(detector) * dtype.itemsize, lazy, memory_budget):
         import dask.array as da
 
+        chunk_bytes = chunk_target(memory_budget)
         stacks = [
-            as_dask(H5Source(path, name, shape, dtype, filters=True), file_token(path, name))
+            as_dask(
+                H5Source(path, name, shape, dtype, filters=True),
+                file_token(path, name),
+                chunk_bytes,
+            )
             for name, shape, _ in parts
         ]
-        data = rechunk_scan(da.concatenate(stacks).reshape(*scan_shape, *detector))
+        data = rechunk_scan(da.concatenate(stacks).reshape(*scan_shape, *detector), chunk_bytes)
     else:
         data = _call(
             module.file_reader, path, ARINA, navigation_shape=tuple(scan_shape), dtype=dtype

@@ -18,7 +18,7 @@ from stemforge.core.errors import FileFormatError, ShapeError
 from stemforge.datasets.io.abtem_zarr import abtem_metadata, parse_abtem
 from stemforge.datasets.io.jsonable import to_jsonable
 from stemforge.datasets.io.lazy import as_dask, file_token, rechunk_scan
-from stemforge.datasets.io.memory import copy_scan_rows, scan_chunks, want_lazy
+from stemforge.datasets.io.memory import chunk_target, copy_scan_rows, scan_chunks, want_lazy
 
 #: Group attribute that marks a stemforge store, with its layout version.
 STEMFORGE_ATTR = "stemforge"
@@ -114,7 +114,8 @@ def read_zarr(
             "a datacube is 4D (Rx, Ry, Qx, Qy) or a 3D stack (N, Qx, Qy)",
         )
     if want_lazy(int(np.prod(shape)) * arr.dtype.itemsize, lazy, memory_budget):
-        data = rechunk_scan(as_dask(arr, file_token(path, name))[index])
+        chunk_bytes = chunk_target(memory_budget)
+        data = rechunk_scan(as_dask(arr, file_token(path, name), chunk_bytes)[index], chunk_bytes)
     else:
         data = np.asarray(arr[index])
     return data, calibration, metadata

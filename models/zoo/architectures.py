@@ -19,6 +19,7 @@ Factory = Callable[..., Any]
 _ARCHITECTURES: dict[str, str | Factory] = {
     "fcunet": "stemforge.models.fcunet:FCUNet",
     "unet": "stemforge.models.unet:UNet",
+    "peak_set": "stemforge.models.peak_set:PeakSetNet",
 }
 
 

@@ -274,8 +274,20 @@ def parse_metadata(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The decoded metadata of a safetensors file (its header only; no tensors, no torch)."""
+    """The decoded metadata of a model file: a safetensors header (no tensors, no torch), or
+    the settings of a crystal-identification ``.skops`` file (loaded with its type check)."""
     from safetensors import SafetensorError, safe_open
+
+    if Path(path).suffix == ".skops":
+        from stemforge.models.crystal_id import CrystalIdentifier
+
+        settings = CrystalIdentifier.load(path).settings()
+        metadata = settings.pop("metadata")
+        return {
+            **{key: metadata[key] for key in ("metrics", "data", "seed") if key in metadata},
+            "model": f"crystal_id_{settings['estimator']}",
+            "config": {key: settings[key] for key in ("features", "estimator", "params")},
+        }
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
@@ -389,7 +401,8 @@ def add_model(
     training: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> ModelEntry:
-    """Add (publish) a safetensors model to a local registry file; for maintainers.
+    """Add (publish) a model (safetensors weights, or a crystal-identification ``.skops``
+    file) to a local registry file; for maintainers.
 
     Computes the file's sha256 and size, takes architecture and config from its metadata, and
     rewrites the registry atomically (creating it if needed). Upload the file to ``url``

@@ -1,0 +1,388 @@
+"""Blind crystal identification from Bragg peak lists: a hierarchical scikit-learn model.
+
+Three stages, each conditioned on the one before (after Gleason et al., PRMaterials 8,
+093802, 2024):
+
+1. crystal system (7 classes) from the :class:`~stemforge.models.peak_features.PeakFeatures`
+   vector;
+2. space group, one classifier per crystal system; the joint probability of a group is
+   P(system) · P(group | system);
+3. lattice parameters, one regressor per crystal system, predicting that system's free
+   parameters (:data:`~stemforge.simulate.labels.FREE_LATTICE_PARAMETERS`) and filling in
+   the rest by the system's constraints.
+
+Many patterns of one grain (several zone axes, or the positions of one region) combine
+in :func:`aggregate` by summing log-probabilities, which treats the patterns as independent
+views; the confidence reported is the posterior of the winner under that assumption and
+the margin of its summed log-probability over the runner-up.
+
+Models persist as skops files (no pickle: loading refuses any type outside scikit-learn
+and NumPy, so a file cannot run code), the settings as JSON inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stemforge.core.errors import ConfigurationError, InvalidDataError
+from stemforge.models.peak_features import PeakFeatures
+from stemforge.simulate.labels import FREE_LATTICE_PARAMETERS
+from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS, space_group_range
+
+#: Probability floor in summed log-probabilities: one pattern's zero vote cannot veto.
+PROBABILITY_FLOOR = 1e-3
+FORMAT = "stemforge.crystal_id"
+ESTIMATORS = ("random_forest", "hist_gradient_boosting")
+
+
+def _classifier(kind: str, params: dict[str, Any], seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    if kind == "random_forest":
+        return RandomForestClassifier(random_state=seed, **params)
+    return HistGradientBoostingClassifier(random_state=seed, **params)
+
+
+def _regressor(kind: str, params: dict[str, Any], seed: int) -> Any:
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.multioutput import MultiOutputRegressor
+
+    if kind == "random_forest":
+        return RandomForestRegressor(random_state=seed, **params)
+    return MultiOutputRegressor(HistGradientBoostingRegressor(random_state=seed, **params))
+
+
+def complete_lattice(system: str, free: np.ndarray) -> np.ndarray:
+    """(a, b, c, α, β, γ) rows from a system's free parameters ``(N, n_free)``."""
+    free = np.atleast_2d(free)
+    out = np.tile(np.array([0, 0, 0, 90.0, 90.0, 90.0]), (len(free), 1))
+    out[:, list(FREE_LATTICE_PARAMETERS[system])] = free
+    if system == "cubic":
+        out[:, 1] = out[:, 2] = out[:, 0]
+    elif system in ("tetragonal", "trigonal", "hexagonal"):
+        out[:, 1] = out[:, 0]
+        if system != "tetragonal":
+            out[:, 5] = 120.0
+    return out
+
+
+@dataclass(frozen=True)
+class PatternPredictions:
+    """Per-pattern outputs of :meth:`CrystalIdentifier.predict`.
+
+    Attributes
+    ----------
+    system_probability
+        ``(N, 7)`` P(crystal system), columns in :data:`CRYSTAL_SYSTEMS` order.
+    group_probability
+        ``(N, 230)`` joint P(space group), column g − 1 for group g.
+    lattice
+        ``(N, 7, 6)`` lattice (a b c Å, α β γ °) predicted under each crystal system.
+    """
+
+    system_probability: np.ndarray
+    group_probability: np.ndarray
+    lattice: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.system_probability)
+
+    @property
+    def crystal_system(self) -> np.ndarray:
+        """``(N,)`` index of the most probable crystal system."""
+        return np.argmax(self.system_probability, axis=1)
+
+    @property
+    def space_group(self) -> np.ndarray:
+        """``(N,)`` most probable space group (1..230)."""
+        return np.argmax(self.group_probability, axis=1) + 1
+
+    def top_groups(self, k: int = 3) -> np.ndarray:
+        """``(N, k)`` the k most probable space groups, best first."""
+        return np.argsort(-self.group_probability, axis=1, kind="stable")[:, :k] + 1
+
+    def best_lattice(self) -> np.ndarray:
+        """``(N, 6)`` the lattice under each pattern's most probable system."""
+        return self.lattice[np.arange(len(self)), self.crystal_system]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The identification of a set of patterns taken together."""
+
+    crystal_system: str
+    space_group: int
+    lattice: np.ndarray
+    confidence: float
+    margin: float
+    system_probability: np.ndarray
+    group_probability: np.ndarray
+    n_patterns: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (lattice as a b c alpha beta gamma)."""
+        return {
+            "crystal_system": self.crystal_system,
+            "space_group": int(self.space_group),
+            "lattice": dict(
+                zip(
+                    ("a", "b", "c", "alpha", "beta", "gamma"), map(float, self.lattice), strict=True
+                )
+            ),
+            "confidence": float(self.confidence),
+            "margin": float(self.margin),
+            "n_patterns": int(self.n_patterns),
+            "probabilities": {
+                name: float(p)
+                for name, p in zip(CRYSTAL_SYSTEMS, self.system_probability, strict=True)
+            },
+        }
+
+
+def _posterior(log_sum: np.ndarray) -> np.ndarray:
+    z = log_sum - log_sum.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR) -> Aggregate:
+    """Combine patterns by summed log-probabilities (see the module notes).
+
+    The space group is chosen among the winning system's groups, and the lattice is the
+    median of the patterns' predictions under the winning system.
+    """
+    if len(predictions) == 0:
+        raise InvalidDataError("no patterns to aggregate", "pass at least one pattern with peaks")
+    system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
+    system_post = _posterior(system_log)
+    best = int(np.argmax(system_log))
+    ranked = np.sort(system_log)
+    margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
+    groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))
+    conditional = predictions.group_probability[:, groups - 1] / np.maximum(
+        predictions.system_probability[:, [best]], 1e-12
+    )
+    group_log = np.log(np.maximum(conditional, floor)).sum(axis=0)
+    group_post = np.zeros(230)
+    group_post[groups - 1] = _posterior(group_log)
+    return Aggregate(
+        crystal_system=CRYSTAL_SYSTEMS[best],
+        space_group=int(groups[np.argmax(group_log)]),
+        lattice=complete_lattice(
+            CRYSTAL_SYSTEMS[best],
+            np.median(
+                predictions.lattice[:, best, list(FREE_LATTICE_PARAMETERS[CRYSTAL_SYSTEMS[best]])],
+                axis=0,
+            ),
+        )[0],
+        confidence=float(system_post[best]),
+        margin=margin,
+        system_probability=system_post,
+        group_probability=group_post,
+        n_patterns=len(predictions),
+    )
+
+
+class CrystalIdentifier:
+    """Crystal system → space group → lattice, from peak-list features.
+
+    Parameters
+    ----------
+    features
+        The encoding of peak lists.
+    estimator
+        ``random_forest`` or ``hist_gradient_boosting`` (all three stages).
+    system_params, group_params, lattice_params
+        Keyword arguments of the scikit-learn estimators of each stage.
+    seed
+        Random state of every estimator.
+    """
+
+    def __init__(
+        self,
+        features: PeakFeatures | None = None,
+        estimator: str = "random_forest",
+        system_params: dict[str, Any] | None = None,
+        group_params: dict[str, Any] | None = None,
+        lattice_params: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ConfigurationError(
+                f"unknown estimator {estimator!r}", f"use one of {', '.join(ESTIMATORS)}"
+            )
+        self.features = features or PeakFeatures()
+        self.estimator = estimator
+        self.params = {
+            "system": dict(system_params or {}),
+            "group": dict(group_params or {}),
+            "lattice": dict(lattice_params or {}),
+        }
+        self.seed = seed
+        self.system_model: Any = None
+        self.group_models: dict[str, Any] = {}
+        self.lattice_models: dict[str, Any] = {}
+        self.metadata: dict[str, Any] = {}
+
+    # ---- fitting ------------------------------------------------------------------------------
+
+    def fit(self, x: np.ndarray, space_group: np.ndarray, lattice: np.ndarray) -> CrystalIdentifier:
+        """Fit all stages on feature rows ``x`` with their space groups and lattices.
+
+        Parameters
+        ----------
+        x
+            ``(N, features.size)`` from :attr:`features`.
+        space_group
+            ``(N,)`` international numbers.
+        lattice
+            ``(N, 6)`` in the conventions of :func:`~stemforge.simulate.labels.lattice_parameters`.
+        """
+        from stemforge.simulate.structures.record import crystal_system_of
+
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.features.size:
+            raise InvalidDataError(
+                f"feature matrix of shape {x.shape}, expected (N, {self.features.size})",
+                "compute the rows with this model's features",
+            )
+        space_group = np.asarray(space_group, int)
+        systems = np.array([CRYSTAL_SYSTEMS.index(crystal_system_of(int(g))) for g in space_group])
+        self.system_model = _classifier(self.estimator, self.params["system"], self.seed)
+        self.system_model.fit(x, systems)
+        self.group_models, self.lattice_models = {}, {}
+        for index, name in enumerate(CRYSTAL_SYSTEMS):
+            rows = systems == index
+            if not rows.any():
+                continue
+            groups = np.unique(space_group[rows])
+            self.group_models[name] = (
+                int(groups[0])
+                if len(groups) == 1
+                else _classifier(self.estimator, self.params["group"], self.seed).fit(
+                    x[rows], space_group[rows]
+                )
+            )
+            target = np.asarray(lattice, float)[rows][:, list(FREE_LATTICE_PARAMETERS[name])]
+            model = _regressor(self.estimator, self.params["lattice"], self.seed)
+            self.lattice_models[name] = model.fit(
+                x[rows], target if target.shape[1] > 1 else target.ravel()
+            )
+        return self
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    def predict(self, x: np.ndarray) -> PatternPredictions:
+        """Per-pattern probabilities and lattices for feature rows ``x``."""
+        if self.system_model is None:
+            raise ConfigurationError(
+                "the crystal identifier is not fitted", "fit it or load a trained one"
+            )
+        x = np.asarray(x, np.float32)
+        n = len(x)
+        system_p = np.zeros((n, len(CRYSTAL_SYSTEMS)))
+        if n == 0:
+            return PatternPredictions(system_p, np.zeros((0, 230)), np.zeros((0, 7, 6)))
+        system_p[:, self.system_model.classes_] = self.system_model.predict_proba(x)
+        group_p = np.zeros((n, 230))
+        lattice = np.zeros((n, len(CRYSTAL_SYSTEMS), 6))
+        for index, name in enumerate(CRYSTAL_SYSTEMS):
+            model = self.group_models.get(name)
+            if model is None:
+                continue
+            if isinstance(model, int):
+                group_p[:, model - 1] = system_p[:, index]
+            else:
+                group_p[:, model.classes_ - 1] = model.predict_proba(x) * system_p[:, [index]]
+            free = self.lattice_models[name].predict(x).reshape(n, -1)
+            lattice[:, index] = complete_lattice(name, free)
+        return PatternPredictions(system_p, group_p, lattice)
+
+    def predict_peaks(
+        self, q: np.ndarray, intensity: np.ndarray, offsets: np.ndarray
+    ) -> PatternPredictions:
+        """Predictions straight from CSR peak lists (see :class:`PeakFeatures`)."""
+        return self.predict(self.features(q, intensity, offsets))
+
+    # ---- persistence --------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready description (features, estimators, seed, metadata)."""
+        return {
+            "format": FORMAT,
+            "features": self.features.to_dict(),
+            "estimator": self.estimator,
+            "params": self.params,
+            "seed": self.seed,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write a skops file (temporary name, then rename)."""
+        import skops.io as sio
+
+        from stemforge.core.atomic import atomic_output
+
+        state = {
+            "settings": json.dumps(self.settings()),
+            "system": self.system_model,
+            "groups": self.group_models,
+            "lattices": self.lattice_models,
+        }
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            sio.dump(state, tmp, compression=zipfile.ZIP_DEFLATED)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CrystalIdentifier:
+        """Read a skops file; refuses types outside scikit-learn and NumPy."""
+        import skops.io as sio
+
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidDataError(
+                f"no crystal-identification model at {path}",
+                "check the path or pull it from the zoo",
+            )
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as exc:
+            raise InvalidDataError(
+                f"{path} is not a skops model file ({exc})",
+                "pass a file written by CrystalIdentifier.save",
+            ) from exc
+        foreign = [t for t in untrusted if not t.startswith(("sklearn.", "numpy."))]
+        if foreign:
+            raise InvalidDataError(
+                f"{path} holds types that are not scikit-learn or NumPy: {foreign}",
+                "only load crystal-identification models written by stemforge",
+            )
+        state = sio.load(path, trusted=untrusted)
+        settings = json.loads(state["settings"])
+        if settings.get("format") != FORMAT:
+            raise InvalidDataError(f"{path} is not a stemforge crystal-identification model")
+        features = settings["features"]
+        features["coherence_orders"] = tuple(features["coherence_orders"])
+        model = cls(
+            PeakFeatures(**features),
+            settings["estimator"],
+            settings["params"]["system"],
+            settings["params"]["group"],
+            settings["params"]["lattice"],
+            settings["seed"],
+        )
+        model.system_model = state["system"]
+        model.group_models = {
+            k: (int(v) if isinstance(v, int | np.integer) else v)
+            for k, v in state["groups"].items()
+        }
+        model.lattice_models = state["lattices"]
+        model.metadata = settings["metadata"]
+        return model
