@@ -5,14 +5,15 @@ intensity), CSR by pattern, with per-pattern labels (structure id, crystal syste
 group, lattice a b c α β γ in the conventions of
 :func:`stemforge.simulate.labels.lattice_parameters`, zone axis, thickness, source). They
 come from kinematic simulation (:func:`kinematic_peak_lists`, thousands of patterns per
-second) and from the factory's multislice shards (:func:`shard_peak_lists`, exact peak
-tables or peaks detected in the patterns), so models meet in training what they meet at
-inference. Files are HDF5, written atomically.
+second) and from the factory's multislice shards (:func:`shard_peak_lists`: the exact
+tables with dynamical disk intensities, or the peaks a detector finds in the patterns, see
+:func:`stemforge.infer.identify.detected_peak_lists`), so models meet in training what
+they meet at inference. Files are HDF5, written atomically.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def _labels(
 ) -> dict:
     from stemforge.simulate.labels import lattice_parameters
 
-    lattice = lattice_parameters(record.structure, record.crystal_system)
+    lattice = lattice_parameters(record.structure.lattice, record.crystal_system)
     return {
         "structure_id": np.array([record.id] * count, dtype=object),
         "space_group": np.full(count, record.space_group, np.int16),
@@ -219,6 +220,90 @@ def kinematic_peak_lists(
             )
         )
     return PeakLists.concatenate(parts)
+
+
+# ---- multislice shards ---------------------------------------------------------------------
+
+
+def shard_labels(store: Any) -> dict[str, np.ndarray]:
+    """Per-sample labels of an opened factory dataset, lattices in the system conventions."""
+    from pymatgen.core import Lattice
+
+    from stemforge.simulate.labels import lattice_parameters
+
+    systems = store.column("crystal_system")
+    lattice = np.array(
+        [
+            lattice_parameters(Lattice.from_parameters(*np.asarray(v, float)), str(s))
+            for v, s in zip(store.column("lattice"), systems, strict=True)
+        ]
+    )
+    return {
+        "structure_id": np.asarray(store.column("structure_id"), dtype=object),
+        "space_group": np.asarray(store.column("space_group"), np.int16),
+        "lattice": lattice,
+        "zone_axis": np.asarray(store.column("zone_axis"), np.int16).reshape(-1, 3),
+        "thickness": np.asarray(store.column("thickness"), float),
+    }
+
+
+def exact_spots(reader: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact reflections of sample ``index`` (detector px) with dynamical intensities."""
+    table = reader.peaks(index)
+    return np.stack([table["qx"], table["qy"]], axis=1), table["intensity_dynamical"]
+
+
+def shard_peak_lists(
+    folder: str | Path,
+    spots: Callable[[Any, int], tuple[np.ndarray, np.ndarray]] = exact_spots,
+    source: str = "multislice",
+    direct_beam_radius: float = 0.5,
+) -> PeakLists:
+    """Spot lists of a factory dataset (multislice shards).
+
+    Parameters
+    ----------
+    folder
+        Dataset folder written by ``stemforge simulate``.
+    spots
+        ``spots(reader, i)`` → positions (detector px) and intensities of sample ``i`` of a
+        :class:`~stemforge.datasets.shards.ShardReader`; default the exact tables with the
+        integrated dynamical disk intensities (a disk detector gives detected lists).
+    source
+        Recorded in the lists' ``source``.
+    direct_beam_radius
+        Spots this close (px) to the exact 000 position are the direct beam, left out.
+
+    Spots are put in Å⁻¹ about the exact 000 reflection of each sample's table.
+    """
+    from stemforge.datasets.shards import ShardReader, open_dataset
+
+    store = open_dataset(folder)
+    pixel = store.column("q_pixel_size")
+    q_parts, i_parts, counts = [], [], []
+    for j, info in enumerate(store.shards):
+        reader = ShardReader(store.shard_path(j))
+        try:
+            for i in range(info.n):
+                table = reader.peaks(i)
+                direct = (table["h"] == 0) & (table["k"] == 0) & (table["l"] == 0)
+                origin = np.array([table["qx"][direct][0], table["qy"][direct][0]])
+                positions, intensity = spots(reader, i)
+                offset = np.asarray(positions, float).reshape(-1, 2) - origin
+                keep = np.hypot(offset[:, 0], offset[:, 1]) > direct_beam_radius
+                q_parts.append(offset[keep] * pixel[store.offsets[j] + i])
+                i_parts.append(np.asarray(intensity)[keep])
+                counts.append(int(keep.sum()))
+        finally:
+            reader.close()
+    n = len(counts)
+    return PeakLists(
+        q=np.concatenate(q_parts).astype(np.float32) if n else np.zeros((0, 2), np.float32),
+        intensity=np.concatenate(i_parts).astype(np.float32) if n else np.zeros(0, np.float32),
+        offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        source=np.array([source] * n, dtype=object),
+        **shard_labels(store),
+    )
 
 
 # ---- augmentation ---------------------------------------------------------------------------

@@ -65,6 +65,29 @@ def spot_lists(
     return q, np.asarray(kept.intensity, float), kept.offsets
 
 
+def detected_peak_lists(folder: str | Path, params: Any = None) -> Any:
+    """Spot lists of a factory dataset as the correlation detector finds them in its patterns.
+
+    Each pattern is searched with its own vacuum probe
+    (:func:`~stemforge.infer.disks.detect_patterns` with ``params``); the direct beam is left
+    out within :data:`DIRECT_BEAM_RADIUS` px of the exact 000 position, as
+    :func:`spot_lists` does for a scan. Returns
+    :class:`~stemforge.datasets.peak_lists.PeakLists` with the dataset's labels.
+    """
+    from stemforge.datasets.peak_lists import shard_peak_lists
+    from stemforge.infer.disks import detect_patterns
+    from stemforge.infer.templates import make_kernel
+
+    def detected(reader: Any, index: int) -> tuple[np.ndarray, np.ndarray]:
+        kernel = make_kernel(reader.image("probe", index))
+        found = detect_patterns(reader.image("cbed", index)[None], kernel, params, backend="numpy")[
+            0
+        ]
+        return found[:, :2], found[:, 2]
+
+    return shard_peak_lists(folder, detected, "correlation", DIRECT_BEAM_RADIUS)
+
+
 @dataclass(frozen=True)
 class Identification:
     """Result of :func:`identify_scan`.
@@ -152,12 +175,9 @@ def identify_scan(
             f"no pattern of the region has {min_spots} or more diffracted spots",
             "check the calibration and the disk detection (stemforge disks), or widen --roi",
         )
-    subset = PatternPredictions(
-        predictions.system_probability[chosen],
-        predictions.group_probability[chosen],
-        predictions.lattice[chosen],
+    return Identification(
+        predictions, scan_shape, valid, aggregate(predictions.take(chosen)), region
     )
-    return Identification(predictions, scan_shape, valid, aggregate(subset), region)
 
 
 def write_identification(result: Identification, path: str | Path, model_name: str) -> list[Path]:

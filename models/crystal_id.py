@@ -84,14 +84,27 @@ class PatternPredictions:
         ``(N, 230)`` joint P(space group), column g − 1 for group g.
     lattice
         ``(N, 7, 6)`` lattice (a b c Å, α β γ °) predicted under each crystal system.
+    spacings
+        ``(N, M)`` measured |g| (Å⁻¹) of strong reflections of each pattern (0: none), for
+        :func:`~stemforge.models.lattice_refinement.refine_lattice`; None: not available.
     """
 
     system_probability: np.ndarray
     group_probability: np.ndarray
     lattice: np.ndarray
+    spacings: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.system_probability)
+
+    def take(self, rows: np.ndarray) -> PatternPredictions:
+        """The predictions of the patterns at ``rows``."""
+        return PatternPredictions(
+            self.system_probability[rows],
+            self.group_probability[rows],
+            self.lattice[rows],
+            None if self.spacings is None else self.spacings[rows],
+        )
 
     @property
     def crystal_system(self) -> np.ndarray:
@@ -154,9 +167,13 @@ def _posterior(log_sum: np.ndarray) -> np.ndarray:
 def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR) -> Aggregate:
     """Combine patterns by summed log-probabilities (see the module notes).
 
-    The space group is chosen among the winning system's groups, and the lattice is the
-    median of the patterns' predictions under the winning system.
+    The space group is chosen among the winning system's groups. The lattice is the median
+    of the patterns' predictions under the winning system, refined against the patterns'
+    measured spacings where the system allows
+    (:func:`~stemforge.models.lattice_refinement.refine_lattice`).
     """
+    from stemforge.models.lattice_refinement import refine_lattice
+
     if len(predictions) == 0:
         raise InvalidDataError("no patterns to aggregate", "pass at least one pattern with peaks")
     system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
@@ -171,16 +188,15 @@ def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR)
     group_log = np.log(np.maximum(conditional, floor)).sum(axis=0)
     group_post = np.zeros(230)
     group_post[groups - 1] = _posterior(group_log)
+    system = CRYSTAL_SYSTEMS[best]
+    free = np.median(predictions.lattice[:, best, list(FREE_LATTICE_PARAMETERS[system])], axis=0)
+    if predictions.spacings is not None:
+        lengths = [i for i, p in enumerate(FREE_LATTICE_PARAMETERS[system]) if p < 3]
+        free[lengths] = refine_lattice(system, free[lengths], predictions.spacings)
     return Aggregate(
-        crystal_system=CRYSTAL_SYSTEMS[best],
+        crystal_system=system,
         space_group=int(groups[np.argmax(group_log)]),
-        lattice=complete_lattice(
-            CRYSTAL_SYSTEMS[best],
-            np.median(
-                predictions.lattice[:, best, list(FREE_LATTICE_PARAMETERS[CRYSTAL_SYSTEMS[best]])],
-                axis=0,
-            ),
-        )[0],
+        lattice=complete_lattice(system, free)[0],
         confidence=float(system_post[best]),
         margin=margin,
         system_probability=system_post,
@@ -302,7 +318,7 @@ class CrystalIdentifier:
                 group_p[:, model.classes_ - 1] = model.predict_proba(x) * system_p[:, [index]]
             free = self.lattice_models[name].predict(x).reshape(n, -1)
             lattice[:, index] = complete_lattice(name, free)
-        return PatternPredictions(system_p, group_p, lattice)
+        return PatternPredictions(system_p, group_p, lattice, self.features.spacings(x))
 
     def predict_peaks(
         self, q: np.ndarray, intensity: np.ndarray, offsets: np.ndarray

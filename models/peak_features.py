@@ -148,6 +148,17 @@ class PeakFeatures:
         out += [f"mirror[{i}]" for i in range(len(MIRRORS))]
         return out + ["|g1+g2|/|g1|", "|g1-g2|/|g1|"]
 
+    def spacings(self, x: np.ndarray) -> np.ndarray:
+        """``(N, 4)`` |g1|, |g2|, |g1 + g2|, |g1 − g2| (Å⁻¹) of each row's reduced cell (0: none).
+
+        The strongest zero-order-Laue-zone spacings of each pattern, read back from the
+        ``cell`` and ``symmetry`` blocks, for lattice refinement.
+        """
+        x = np.asarray(x, float)
+        cell, symmetry = x[:, self.block("cell")], x[:, self.block("symmetry")]
+        g1 = cell[:, 0]
+        return np.stack([g1, cell[:, 1], symmetry[:, -2] * g1, symmetry[:, -1] * g1], axis=1)
+
     def to_dict(self) -> dict:
         """JSON-ready settings."""
         out = asdict(self)

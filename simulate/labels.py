@@ -87,15 +87,15 @@ FREE_LATTICE_PARAMETERS = {
 }
 
 
-def lattice_parameters(structure, crystal_system: str) -> np.ndarray:
+def lattice_parameters(lattice, crystal_system: str) -> np.ndarray:
     """(a, b, c, α, β, γ) of a conventional standard cell in the convention of its system.
 
     Conventions fix what a regression predicts: cubic a = b = c; tetragonal, trigonal and
     hexagonal a = b with c unique (hexagonal axes for rhombohedral lattices, as spglib's
     standard cell has them); orthorhombic a ≤ b ≤ c; monoclinic unique axis b with β ≥ 90°;
-    triclinic the Niggli-reduced cell. Lengths in Å, angles in degrees.
+    triclinic the Niggli-reduced cell. Lengths in Å, angles in degrees. ``lattice`` is a
+    pymatgen ``Lattice`` (``structure.lattice``).
     """
-    lattice = structure.lattice
     if crystal_system == "triclinic":
         lattice = lattice.get_niggli_reduced_lattice()
     a, b, c = lattice.abc

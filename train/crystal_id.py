@@ -47,7 +47,7 @@ def identification_scores(
     hits = []
     for structure in np.unique(lists.structure_id):
         rows = np.flatnonzero(lists.structure_id == structure)
-        result = aggregate(_rows(predictions, rows))
+        result = aggregate(predictions.take(rows))
         hits.append(result.space_group == lists.space_group[rows[0]])
         hits[-1] = (hits[-1], result.crystal_system == _system_name(system[rows[0]]))
     scores[f"{prefix}/aggregate_group_accuracy"] = float(np.mean([h[0] for h in hits]))
@@ -59,16 +59,6 @@ def _system_name(index: int) -> str:
     from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
 
     return CRYSTAL_SYSTEMS[int(index)]
-
-
-def _rows(predictions: Any, rows: np.ndarray) -> Any:
-    from stemforge.models.crystal_id import PatternPredictions
-
-    return PatternPredictions(
-        predictions.system_probability[rows],
-        predictions.group_probability[rows],
-        predictions.lattice[rows],
-    )
 
 
 def load_training_lists(data: dict[str, Any], seed: int) -> PeakLists:
