@@ -47,6 +47,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=TEST_SEED)
     parser.add_argument(
+        "--multislice",
+        help="also score a factory dataset (e.g. `stemforge simulate crystal_id`): its exact "
+        "peak tables and the disks correlation finds in its patterns",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print only, leave RESULTS.md alone"
     )
     return parser.parse_args()

@@ -152,7 +152,78 @@ class EpochSampler(DistributedSampler):
         return ((self.epoch, item) for item in super().__iter__())
 
 
-class FCUNetDataModule(pl.LightningDataModule):
+class SplitDataModule(pl.LightningDataModule):
+    """The loaders every stemforge data module shares: ``datasets`` (filled by the
+    subclass's ``setup``) split into train / val[ / test] by ``splits``; training batches
+    reshuffled every epoch by an :class:`EpochSampler` (seed + epoch, sharded across DDP
+    ranks), validation and test in a fixed order."""
+
+    datasets: dict[str, Any]
+    splits: Sequence[float]
+    batch_size: int
+    num_workers: int
+    seed: int
+    pin_memory: bool = False
+
+    @staticmethod
+    def check_loader_settings(splits: Sequence[float], batch_size: Any) -> None:
+        """Refuse split fractions other than [train, val(, test)] and non-positive batches."""
+        if len(splits) not in (2, 3):
+            raise ConfigurationError(
+                f"data.splits has {len(splits)} fractions",
+                "give [train, val] or [train, val, test] fractions, e.g. [0.8, 0.1, 0.1]",
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(
+                f"batch_size={batch_size!r} is not a positive integer", "e.g. batch_size=16"
+            )
+
+    @property
+    def has_test(self) -> bool:
+        """Whether the splits include a test split."""
+        return len(self.splits) == 3
+
+    def _loader(self, name: str, sampler: EpochSampler | None = None) -> DataLoader:
+        if name not in self.datasets:
+            self.setup()
+        if name not in self.datasets:
+            raise ConfigurationError(
+                "the data splits have no test split",
+                "give three fractions, e.g. data.splits=[0.8,0.1,0.1], or set test=false",
+            )
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled anew each epoch (with ``seed + epoch``), sharded across DDP ranks."""
+        if "train" not in self.datasets:
+            self.setup()
+        trainer = self.trainer
+        sampler = EpochSampler(
+            self.datasets["train"],
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=True,
+            seed=self.seed,
+        )
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation samples in a fixed order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test samples in a fixed order (needs a third split fraction)."""
+        return self._loader("test")
+
+
+class FCUNetDataModule(SplitDataModule):
     """Train/validation/test loaders over a shard dataset, split by structure.
 
     Parameters
@@ -198,15 +269,7 @@ class FCUNetDataModule(pl.LightningDataModule):
         verify: bool = False,
     ) -> None:
         super().__init__()
-        if len(splits) not in (2, 3):
-            raise ConfigurationError(
-                f"data.splits has {len(splits)} fractions",
-                "give [train, val] or [train, val, test] fractions, e.g. [0.8, 0.1, 0.1]",
-            )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(
-                f"batch_size={batch_size!r} is not a positive integer", "e.g. batch_size=16"
-            )
+        self.check_loader_settings(splits, batch_size)
         self.path = Path(path)
         self.store = open_dataset(self.path, verify=verify)  # fails early on a bad folder
         self.splits = [float(f) for f in splits]
@@ -235,47 +298,3 @@ class FCUNetDataModule(pl.LightningDataModule):
         for name, items in zip(("train", "val", "test"), parts, strict=False):
             augmenter = self.augmenter if name == "train" else eval_augmenter
             self.datasets[name] = PatternDataset(shards, items, augmenter)
-
-    @property
-    def has_test(self) -> bool:
-        """Whether the splits include a test split."""
-        return len(self.splits) == 3
-
-    def _loader(self, name: str, sampler: EpochSampler | None = None) -> DataLoader:
-        if name not in self.datasets:
-            self.setup()
-        if name not in self.datasets:
-            raise ConfigurationError(
-                "the data splits have no test split",
-                "give three fractions, e.g. data.splits=[0.8,0.1,0.1], or set test=false",
-            )
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled anew each epoch (with ``seed + epoch``), sharded across DDP ranks."""
-        if "train" not in self.datasets:
-            self.setup()
-        trainer = self.trainer
-        sampler = EpochSampler(
-            self.datasets["train"],
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            shuffle=True,
-            seed=self.seed,
-        )
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation samples in a fixed order."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test samples in a fixed order (needs a third split fraction)."""
-        return self._loader("test")

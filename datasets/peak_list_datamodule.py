@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stemforge.core.errors import ConfigurationError
-from stemforge.datasets.datamodule import EpochSampler
+from stemforge.datasets.datamodule import SplitDataModule
 from stemforge.datasets.peak_lists import PeakLists, augment, read_peak_lists, split_by_structure
 
 #: Offset of the seed of validation/test measurement errors (as in stemforge.train.crystal_id).
@@ -141,7 +140,7 @@ class PeakListDataset(Dataset):
         return {name: value[item] for name, value in self.arrays(epoch).items()}
 
 
-class PeakListDataModule(pl.LightningDataModule):
+class PeakListDataModule(SplitDataModule):
     """Train/validation/test loaders of padded peak lists, split by structure.
 
     Parameters
@@ -179,15 +178,7 @@ class PeakListDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if len(splits) not in (2, 3):
-            raise ConfigurationError(
-                f"data.splits has {len(splits)} fractions",
-                "give [train, val] or [train, val, test] fractions, e.g. [0.8, 0.1, 0.1]",
-            )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(
-                f"batch_size={batch_size!r} is not a positive integer", "e.g. batch_size=128"
-            )
+        self.check_loader_settings(splits, batch_size)
         if not isinstance(max_spots, int) or max_spots < 1:
             raise ConfigurationError(
                 f"max_spots={max_spots!r} is not a positive integer", "e.g. max_spots=48"
@@ -204,11 +195,6 @@ class PeakListDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.parts: dict[str, PeakLists] = {}
         self.datasets: dict[str, PeakListDataset] = {}
-
-    @property
-    def has_test(self) -> bool:
-        """Whether the splits include a test split."""
-        return len(self.splits) == 3
 
     def setup(self, stage: str | None = None) -> None:
         """Split (once; every stage shares it) and fix the validation/test errors.
@@ -230,39 +216,3 @@ class PeakListDataModule(pl.LightningDataModule):
                     part = augment(part, EVALUATION_SEED_OFFSET + self.seed, **evaluation)
                 self.datasets[name] = PeakListDataset(part, self.max_spots)
             self.parts[name] = part
-
-    def _loader(self, name: str, sampler: EpochSampler | None = None) -> DataLoader:
-        self.setup()
-        if name not in self.datasets:
-            raise ConfigurationError(
-                "the data splits have no test split",
-                "give three fractions, e.g. data.splits=[0.8,0.1,0.1], or set test=false",
-            )
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled anew each epoch (with ``seed + epoch``), sharded across DDP ranks."""
-        self.setup()
-        trainer = self.trainer
-        sampler = EpochSampler(
-            self.datasets["train"],
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            shuffle=True,
-            seed=self.seed,
-        )
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation patterns in a fixed order."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test patterns in a fixed order (needs a third split fraction)."""
-        return self._loader("test")

@@ -7,9 +7,9 @@ pattern is the length of some reciprocal-lattice vector, ``|g|² = Σ_j c_j(hkl)
 (tetragonal) or ``(4/3 (h² + hk + k²), l²)`` (hexagonal axes: hexagonal and trigonal).
 
 :func:`refine_lattice` searches the free lengths on a log grid around the prior, scores each
-grid point by how well its reflection list explains all measured spacings (relative misfit,
-capped at ``tolerance`` so that a spot of another zone or a wrong basis costs a fixed
-amount), and takes, among the points that score within the noise of the best, the one of
+grid point by how well its reflection list explains all measured spacings (misfit in |g|
+over the measurement tolerance, capped so that a spot of another zone or a wrong basis
+costs a fixed amount), and takes, among the points that score within the noise of the best, the one of
 smallest cell volume: a supercell (2a, a√2...) indexes every spacing too, but has more
 lines than the data need (the powder-indexing rule of parsimony).
 """
@@ -20,8 +20,10 @@ import numpy as np
 
 #: Systems whose lattice the spacings fix with one or two free lengths.
 REFINABLE = ("cubic", "tetragonal", "trigonal", "hexagonal")
-#: Relative misfit in |g|² that counts as fully unexplained (measurement error ~1–2 % in |g|).
-TOLERANCE = 0.04
+#: Misfit in |g| that counts as fully unexplained: relative (calibration, ellipticity) plus
+#: absolute (position error of a spot, Å⁻¹), which dominates for the short |g| of big cells.
+TOLERANCE = 0.02
+ABSOLUTE_TOLERANCE = 0.006
 #: Largest Miller index considered.
 MAX_INDEX = 5
 #: Default per-pattern calibration uncertainty searched as a nuisance scale.
@@ -55,6 +57,7 @@ def refine_lattice(
     *,
     span: float = 1.6,
     tolerance: float = TOLERANCE,
+    absolute_tolerance: float = ABSOLUTE_TOLERANCE,
     scale_error: float = SCALE_ERROR,
 ) -> np.ndarray:
     """Free lattice lengths that index the measured spacings best (see the module notes).
@@ -70,8 +73,8 @@ def refine_lattice(
         non-finite values are ignored.
     span
         The search covers ``lengths / span`` to ``lengths · span``.
-    tolerance
-        Relative misfit in |g|² at which a spacing counts as unexplained.
+    tolerance, absolute_tolerance
+        A spacing misfit by ``tolerance · |g| + absolute_tolerance`` counts as unexplained.
     scale_error
         Each pattern's calibration may be off by up to this fraction (a nuisance scale per
         pattern, searched with the lattice); 0 when all share one calibration.
@@ -93,16 +96,17 @@ def refine_lattice(
     best = lengths
     for fine in (False, True):  # a coarse pass over the span, then a fine one around its answer
         grid = _grid(best, span, steps)
-        lines = (1.0 / grid**2) @ coefficients.T  # (G, H) |g|² of every reflection
+        lines = np.sqrt((1.0 / grid**2) @ coefficients.T)  # (G, H) |g| of every reflection
         cost = np.zeros(len(grid))
         chosen = []  # each pattern's best scale at every grid point
         for row in q:
-            values = row[row > 0] ** 2
+            values = row[row > 0]
             per_scale = np.zeros((len(grid), len(scales)))
             for j, kappa in enumerate(scales):
-                for value in values * kappa**2:
-                    misfit = np.abs(lines - value).min(axis=1) / value
-                    per_scale[:, j] += np.minimum(misfit / tolerance, 1.0) ** 2
+                for value in values * kappa:
+                    misfit = np.abs(lines - value).min(axis=1)
+                    allowed = tolerance * value + absolute_tolerance
+                    per_scale[:, j] += np.minimum(misfit / allowed, 1.0) ** 2
             cost += per_scale.min(axis=1)
             chosen.append(scales[np.argmin(per_scale, axis=1)])
         n = np.count_nonzero(q)
@@ -118,5 +122,5 @@ def refine_lattice(
             span = 1.0 + 4 * (span - 1.0) / steps * 2
     # The per-pattern scales leave the overall scale free within ±scale_error; calibration
     # errors average out, so the lattice whose patterns need no scale on average is the one:
-    # matching κ² |g|² to a lattice L means L = L_true / κ, hence L_true = L · mean κ.
+    # matching κ |g| to a lattice L means L = L_true / κ, hence L_true = L · mean κ.
     return best * float(np.mean([c[pick] for c in chosen]))

@@ -83,16 +83,21 @@ def test_split_and_augment(lists):
     assert 0.97 <= min(ratios) and max(ratios) <= 1.03 and max(ratios) - min(ratios) > 0.02
 
 
-def test_model_fits_saves_loads_and_aggregates(lists, tmp_path):
+def _fit_small(lists) -> CrystalIdentifier:
+    """Small forests on six augmented copies of the three prototypes' patterns."""
     model = CrystalIdentifier(
         system_params={"n_estimators": 20},
         group_params={"n_estimators": 10},
         lattice_params={"n_estimators": 10},
     )
     train = PeakLists.concatenate(augment(lists, seed) for seed in range(6))
-    model.fit(
+    return model.fit(
         model.features(train.q, train.intensity, train.offsets), train.space_group, train.lattice
     )
+
+
+def test_model_fits_saves_loads_and_aggregates(lists, tmp_path):
+    model = _fit_small(lists)
     predictions = model.predict_peaks(lists.q, lists.intensity, lists.offsets)
     assert np.mean(predictions.crystal_system == lists.crystal_system) > 0.9
     np.testing.assert_allclose(predictions.system_probability.sum(axis=1), 1.0)
@@ -134,16 +139,7 @@ def test_loading_refuses_foreign_types(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(lists, tmp_path_factory):
-    model = CrystalIdentifier(
-        system_params={"n_estimators": 20},
-        group_params={"n_estimators": 10},
-        lattice_params={"n_estimators": 10},
-    )
-    train = PeakLists.concatenate(augment(lists, seed) for seed in range(6))
-    model.fit(
-        model.features(train.q, train.intensity, train.offsets), train.space_group, train.lattice
-    )
-    return model.save(tmp_path_factory.mktemp("model") / "model.skops")
+    return _fit_small(lists).save(tmp_path_factory.mktemp("model") / "model.skops")
 
 
 def _peak_file(lists, rows, path, pixel=0.02, origin=63.5):

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +31,7 @@ from stemforge.train.module import (
     _DEFAULT_OPTIMIZER,
     _DEFAULT_SCHEDULER,
     SCHEDULES,
-    FCUNetModule,
+    ScheduledModule,
     instantiate_model,
 )
 
@@ -50,7 +48,7 @@ MODULE_KEYS = (
 )
 
 
-class CrystalIdNNModule(pl.LightningModule):
+class CrystalIdNNModule(ScheduledModule):
     """Training of a peak-set network on padded peak lists (see the module notes).
 
     Batches are dicts as :class:`~stemforge.datasets.peak_list_datamodule.PeakListDataset`
@@ -62,7 +60,7 @@ class CrystalIdNNModule(pl.LightningModule):
         Hydra-style config of the network (``_target_`` and keyword arguments), kept in the
         hyperparameters so that ``load_from_checkpoint`` rebuilds it.
     optimizer, scheduler
-        As :class:`~stemforge.train.module.FCUNetModule` takes them (same schedules).
+        As :class:`~stemforge.train.module.ScheduledModule` takes them.
     group_weight, lattice_weight
         Weights of the space-group and lattice losses against the crystal-system loss.
     label_smoothing
@@ -71,10 +69,6 @@ class CrystalIdNNModule(pl.LightningModule):
         Dropout draws from torch's generator reseeded with ``(seed, epoch, batch, rank)``
         before every step, so that a resumed run continues bit for bit.
     """
-
-    # The optimizer, schedule and per-step reseeding are the FCU-Net module's, unchanged.
-    configure_optimizers = FCUNetModule.configure_optimizers
-    on_train_batch_start = FCUNetModule.on_train_batch_start
 
     def __init__(
         self,
@@ -199,27 +193,11 @@ def train_crystal_id_nn(cfg: Any) -> dict[str, float | None]:
         :func:`~stemforge.train.crystal_id.identification_scores` (per pattern and
         aggregated per structure) of ``val`` and, with a test split, ``test``.
     """
-    from hydra.utils import instantiate
-    from pytorch_lightning.loggers import WandbLogger
-
     from stemforge.datasets.peak_list_datamodule import PeakListDataModule
     from stemforge.train.crystal_id import identification_scores, load_training_lists
-    from stemforge.train.export import export_model
-    from stemforge.train.run import (
-        _command,
-        _evaluation_trainer,
-        _number,
-        _plain,
-        check_config,
-        multirun_launcher,
-        resolve_checkpoint,
-    )
+    from stemforge.train.run import _plain, fit_and_export, prepare
 
-    check_config(cfg, launcher=multirun_launcher())
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
-    pl.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-
+    ckpt_path = prepare(cfg)
     data = _plain(cfg.data)
     datamodule = PeakListDataModule(
         load_training_lists(data, cfg.seed),
@@ -235,51 +213,18 @@ def train_crystal_id_nn(cfg: Any) -> dict[str, float | None]:
     module = CrystalIdNNModule(
         model=_plain(cfg.model), **{key: settings[key] for key in MODULE_KEYS if key in settings}
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    run_config = {key: value for key, value in _plain(cfg).items() if key != "hydra"}
-    for logger in trainer.loggers:
-        logger.log_hyperparams(run_config)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
-        if best:
-            module.load_state_dict(
-                torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            )
-        evaluator = _evaluation_trainer(cfg, trainer)
-        results: dict[str, Any] = {}
-        stages = ["val"] + ["test"] * bool(cfg.test and datamodule.has_test)
-        for stage in stages:
-            run = evaluator.validate if stage == "val" else evaluator.test
-            for result in run(module, datamodule=datamodule, verbose=False):
-                results.update(result)
-            results.update(identification_scores(module.net, datamodule.parts[stage], stage))
-        metrics = {key: _number(value) for key, value in sorted(results.items())}
-        for key, value in metrics.items():
-            log.info("%s = %s", key, value)
-        if cfg.export and trainer.is_global_zero:
-            weights = export_model(
-                module.net,
-                cfg.paths.export_dir,
-                {
-                    "name": cfg.name,
-                    "normalization": INPUTS,
-                    "data": {key: value for key, value in data.items() if key != "path"},
-                    "n_structures": int(len(set(datamodule.lists.structure_id))),
-                    "seed": cfg.seed,
-                    "command": _command(),
-                    "metrics": metrics,
-                    "checkpoint": Path(best).name if best else None,
-                    "epochs": trainer.current_epoch,
-                    "steps": trainer.global_step,
-                },
-            )
-            log.info("exported %s", weights)
-        return metrics
-    finally:
-        if any(isinstance(logger, WandbLogger) for logger in loggers):
-            import wandb
-
-            wandb.finish()
+    metrics = fit_and_export(
+        cfg,
+        module,
+        datamodule,
+        ckpt_path,
+        lambda: {
+            "normalization": INPUTS,
+            "data": {key: value for key, value in data.items() if key != "path"},
+            "n_structures": int(len(set(datamodule.lists.structure_id))),
+        },
+        lambda stage: identification_scores(module.net, datamodule.parts[stage], stage),
+    )
+    for key, value in metrics.items():
+        log.info("%s = %s", key, value)
+    return metrics

@@ -223,7 +223,53 @@ def _examples(
     return images
 
 
-class FCUNetModule(pl.LightningModule):
+class ScheduledModule(pl.LightningModule):
+    """What every stemforge LightningModule shares: the optimizer from ``hparams.optimizer``
+    (a Hydra node), the learning-rate schedule of ``hparams.scheduler`` (cosine | onecycle |
+    constant, stepped every optimizer step) and torch's generator reseeded before every
+    training step from ``(hparams.seed, epoch, batch, rank)``, so a resumed run continues
+    bit for bit."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(
+            _step_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from hydra.utils import instantiate
+
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), _convert_="all")
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigurationError(
+                "the number of training steps is unbounded, so the learning-rate schedule has no length",
+                "set trainer.max_epochs or trainer.max_steps",
+            )
+        total = max(int(total), 1)
+        config = self.hparams.scheduler
+        warmup = float(config.get("warmup_fraction", 0.0))
+        if config["name"] == "onecycle" and total >= 3:
+            # Each of the two phases must span at least one step.
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=total,
+                pct_start=min(max(warmup, 2 / total), 1 - 1 / total),
+            )
+        else:  # also a one-cycle run too short for two phases (fast_dev_run): constant
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                _cosine(total, warmup, float(config.get("min_lr_ratio", 0.0)))
+                if config["name"] == "cosine"
+                else _constant,
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class FCUNetModule(ScheduledModule):
     """Training of a network that maps (pattern, probe) to a structure-factor image.
 
     Batches are dicts of ``pattern``, ``probe`` and ``target``, ``(B, 1, H, W)``, as
@@ -306,11 +352,6 @@ class FCUNetModule(pl.LightningModule):
         """The network's prediction for normalised inputs."""
         return self.net(pattern, probe)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        torch.manual_seed(
-            _step_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
-        )
-
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss_fn(self(batch["pattern"], batch["probe"]), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
@@ -370,39 +411,6 @@ class FCUNetModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_peaks("test", self.test_peaks)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        from hydra.utils import instantiate
-
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), _convert_="all")
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ConfigurationError(
-                "the number of training steps is unbounded, so the learning-rate schedule has no length",
-                "set trainer.max_epochs or trainer.max_steps",
-            )
-        total = max(int(total), 1)
-        config = self.hparams.scheduler
-        warmup = float(config.get("warmup_fraction", 0.0))
-        if config["name"] == "onecycle" and total >= 3:
-            # Each of the two phases must span at least one step.
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer,
-                max_lr=[group["lr"] for group in optimizer.param_groups],
-                total_steps=total,
-                pct_start=min(max(warmup, 2 / total), 1 - 1 / total),
-            )
-        else:  # also a one-cycle run too short for two phases (fast_dev_run): constant
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                _cosine(total, warmup, float(config.get("min_lr_ratio", 0.0)))
-                if config["name"] == "cosine"
-                else _constant,
-            )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
 
 def _constant(step: int) -> float:

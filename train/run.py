@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -216,36 +216,55 @@ def _evaluation_trainer(cfg: Any, trainer: Any) -> Any:
     )
 
 
-def train(cfg: Any) -> dict[str, float | None]:
-    """Fit, validate the best weights, test, and export them; the work of one run.
-
-    Parameters
-    ----------
-    cfg
-        A composed training config (resolved here; ``${hydra:...}`` needs a Hydra run).
-
-    Returns
-    -------
-    dict
-        Metrics of the exported (best) weights: ``val/...`` and, with a test split,
-        ``test/...``; None for undefined values.
-    """
+def prepare(cfg: Any) -> str | None:
+    """Checks, seeds and precision before a Lightning run is built; the checkpoint to resume."""
     import pytorch_lightning as pl
     import torch
-    from hydra.utils import instantiate
-    from pytorch_lightning.loggers import WandbLogger
-
-    from stemforge.datasets.datamodule import NORMALIZATION
-    from stemforge.train.export import export_model
-    from stemforge.train.module import FCUNetModule
 
     check_config(cfg, launcher=multirun_launcher())
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
+    return ckpt_path
 
-    datamodule = instantiate(cfg.data, _convert_="all")
-    module = FCUNetModule(model=_plain(cfg.model), **_plain(cfg.module))
+
+def fit_and_export(
+    cfg: Any,
+    module: Any,
+    datamodule: Any,
+    ckpt_path: str | None,
+    metadata: Callable[[], dict[str, Any]],
+    extra_scores: Callable[[str], dict[str, float]] | None = None,
+) -> dict[str, float | None]:
+    """Fit with the configured trainer, loggers and callbacks; score the best weights on
+    validation (and test); export ``module.net`` with its metadata.
+
+    Parameters
+    ----------
+    cfg
+        The composed config (``trainer``, ``logger``, ``callbacks``, ``paths``, ``test``,
+        ``export``...).
+    module, datamodule
+        Built by the caller (after :func:`prepare`).
+    ckpt_path
+        Checkpoint to resume from (:func:`prepare` resolves it).
+    metadata
+        The export's entries besides ``name``, ``seed``, ``command``, ``metrics``,
+        ``checkpoint``, ``epochs`` and ``steps`` (at least ``normalization`` and ``data``).
+    extra_scores
+        ``extra_scores(stage)`` → more metrics of the best weights for ``val``/``test``.
+
+    Returns
+    -------
+    dict
+        Metrics of the exported (best) weights; None for undefined values.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from pytorch_lightning.loggers import WandbLogger
+
+    from stemforge.train.export import export_model
+
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -261,26 +280,20 @@ def train(cfg: Any) -> dict[str, float | None]:
             )
         evaluator = _evaluation_trainer(cfg, trainer)
         results: dict[str, Any] = {}
-        for result in evaluator.validate(module, datamodule=datamodule, verbose=False):
-            results.update(result)
-        if cfg.test and datamodule.has_test:
-            for result in evaluator.test(module, datamodule=datamodule, verbose=False):
+        for stage in ["val"] + ["test"] * bool(cfg.test and datamodule.has_test):
+            run = evaluator.validate if stage == "val" else evaluator.test
+            for result in run(module, datamodule=datamodule, verbose=False):
                 results.update(result)
+            if extra_scores is not None:
+                results.update(extra_scores(stage))
         metrics = {key: _number(value) for key, value in sorted(results.items())}
         if cfg.export and trainer.is_global_zero:
-            data = {key: value for key, value in _plain(cfg.data).items() if key != "_target_"}
-            data["dataset"] = {
-                "seed": datamodule.store.seed,
-                "shape": list(datamodule.pattern_shape),
-                "config": datamodule.store.config,
-            }
             weights = export_model(
                 module.net,
                 cfg.paths.export_dir,
                 {
                     "name": cfg.name,
-                    "normalization": NORMALIZATION,
-                    "data": data,
+                    **metadata(),
                     "seed": cfg.seed,
                     "command": _command(),
                     "metrics": metrics,
@@ -296,6 +309,41 @@ def train(cfg: Any) -> dict[str, float | None]:
             import wandb
 
             wandb.finish()  # Lightning leaves the run open; the next job of a sweep needs its own
+
+
+def train(cfg: Any) -> dict[str, float | None]:
+    """Fit, validate the best weights, test, and export them; the work of one run.
+
+    Parameters
+    ----------
+    cfg
+        A composed training config (resolved here; ``${hydra:...}`` needs a Hydra run).
+
+    Returns
+    -------
+    dict
+        Metrics of the exported (best) weights: ``val/...`` and, with a test split,
+        ``test/...``; None for undefined values.
+    """
+    from hydra.utils import instantiate
+
+    from stemforge.datasets.datamodule import NORMALIZATION
+    from stemforge.train.module import FCUNetModule
+
+    ckpt_path = prepare(cfg)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = FCUNetModule(model=_plain(cfg.model), **_plain(cfg.module))
+
+    def metadata() -> dict[str, Any]:
+        data = {key: value for key, value in _plain(cfg.data).items() if key != "_target_"}
+        data["dataset"] = {
+            "seed": datamodule.store.seed,
+            "shape": list(datamodule.pattern_shape),
+            "config": datamodule.store.config,
+        }
+        return {"normalization": NORMALIZATION, "data": data}
+
+    return fit_and_export(cfg, module, datamodule, ckpt_path, metadata)
 
 
 def task(cfg: Any) -> float | None:
