@@ -143,12 +143,18 @@ def main() -> None:
 def multislice_rows(model, folder: str) -> list[str]:
     """Accuracy on a factory dataset: exact tables vs correlation-detected disks."""
     from stemforge.datasets.peak_lists import shard_peak_lists
+    from stemforge.datasets.shards import read_manifest
     from stemforge.infer.identify import detected_peak_lists
     from stemforge.train.crystal_id import identification_scores
 
+    manifest = read_manifest(folder)
+    config = manifest["config"]
     rows = [
-        f"Multislice patterns (`{folder}`, abTEM through the factory, patterns grouped by structure "
-        "for the aggregate):",
+        f"Multislice patterns: a factory dataset (`stemforge simulate crystal_id n_patterns="
+        f"{config.get('n_patterns')} seed={manifest['seed']} structures.max_atoms="
+        f"{config.get('structures', {}).get('max_atoms')} engine={config.get('engine')}`: "
+        "pyxtal crystals of a seed no training set uses, abTEM multislice, 128² px); patterns "
+        "grouped by structure for the aggregate:",
         "",
         "| peaks | patterns | structures | system, one pattern | system, aggregated | group top-3 |",
         "|---|---|---|---|---|---|",
