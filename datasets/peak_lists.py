@@ -21,9 +21,7 @@ from typing import Any
 import numpy as np
 
 from stemforge.core.errors import ConfigurationError, InvalidDataError
-
-#: Crystal systems in label order (index = class number).
-from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
+from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS, FIRST_SPACE_GROUP
 
 FORMAT = "stemforge.peak_lists"
 VERSION = 1
@@ -71,8 +69,7 @@ class PeakLists:
     @property
     def crystal_system(self) -> np.ndarray:
         """``(N,)`` int class index into :data:`CRYSTAL_SYSTEMS`."""
-        firsts = np.array([1, 3, 16, 75, 143, 168, 195])
-        return np.searchsorted(firsts, self.space_group, side="right") - 1
+        return np.searchsorted(FIRST_SPACE_GROUP, self.space_group, side="right") - 1
 
     def select(self, index: np.ndarray | Sequence[int]) -> PeakLists:
         """The patterns at ``index`` (integer positions or a boolean mask), in that order."""

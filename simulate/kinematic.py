@@ -41,6 +41,7 @@ import numpy as np
 
 from stemforge.core.errors import ConfigurationError
 from stemforge.core.units import electron_wavelength
+from stemforge.simulate.labels import potential_coefficients
 
 #: Default relative cut: spots weaker than this fraction of the strongest are dropped.
 MIN_RELATIVE_INTENSITY = 1e-4
@@ -102,16 +103,12 @@ def reciprocal_lattice(
     inside = (length <= q_max) & (length > 0)
     hkl, g, length = hkl[inside], g[inside], length[inside]
 
-    frac = np.asarray(structure.frac_coords, float)
     numbers = np.array([site.specie.Z for site in structure])
-    g2 = (length**2).astype(np.float32)
-    vg = np.zeros(len(hkl), complex)
-    for number in np.unique(numbers):
-        mask = numbers == number
-        # The projected factor at in-plane g equals the 3D form factor at |g|.
-        form = np.asarray(parametrization.projected_scattering_factor(int(number))(g2), float)
-        vg += form * np.exp(-2j * np.pi * (frac[mask] @ hkl.T)).sum(axis=0)
-    amplitude = np.abs(vg) / abs(np.linalg.det(lattice))
+    phase = np.asarray(structure.frac_coords, float) @ hkl.T
+    vg = potential_coefficients(
+        numbers, phase, length**2, parametrization, abs(np.linalg.det(lattice))
+    )
+    amplitude = np.abs(vg)
     allowed = amplitude > 1e-6 * max(amplitude.max(initial=0.0), 1e-30)
     return ReciprocalLattice(hkl[allowed], g[allowed], amplitude[allowed], lattice)
 

@@ -33,29 +33,12 @@ from ase import Atoms
 from stemforge.simulate.multislice import DetectorGrid
 from stemforge.simulate.orientation import quiet_spglib
 from stemforge.simulate.sample import PEAK_DTYPE
+from stemforge.simulate.structures.record import crystal_system_of
 
 #: Width (pixels) of the Gaussian peaks of the target image.
 TARGET_SIGMA = 0.75
 #: Reflections weaker than this fraction of |V_000| are extinct (numerically zero).
 EXTINCTION = 1e-6
-
-_CRYSTAL_SYSTEMS = (
-    (2, "triclinic"),
-    (15, "monoclinic"),
-    (74, "orthorhombic"),
-    (142, "tetragonal"),
-    (167, "trigonal"),
-    (194, "hexagonal"),
-    (230, "cubic"),
-)
-
-
-def crystal_system(space_group: int) -> str:
-    """Crystal system of an international space-group number."""
-    for last, name in _CRYSTAL_SYSTEMS:
-        if space_group <= last:
-            return name
-    raise ValueError(f"space group number {space_group} is not in 1..230")
 
 
 def crystal_metadata(structure, symprec: float = 1e-3) -> dict[str, Any]:
@@ -70,7 +53,7 @@ def crystal_metadata(structure, symprec: float = 1e-3) -> dict[str, Any]:
     return {
         "formula": structure.composition.reduced_formula,
         "space_group": number,
-        "crystal_system": crystal_system(number),
+        "crystal_system": crystal_system_of(number),
         "lattice": tuple(float(v) for v in (*lattice.abc, *lattice.angles)),
     }
 
@@ -150,6 +133,44 @@ def zolz_reflections(
     return np.rint(h[keep]).astype(int), g[keep]
 
 
+def potential_coefficients(
+    numbers: np.ndarray,
+    phase: np.ndarray,
+    g2: np.ndarray,
+    parametrization: Any,
+    volume: float,
+    sigma: dict[int, float] | None = None,
+) -> np.ndarray:
+    """``V_g = (1/Ω) Σ_j f_j(|g|) exp(-2πi phase_j(g))``, volts, complex.
+
+    Parameters
+    ----------
+    numbers
+        ``(N,)`` atomic numbers.
+    phase
+        ``(N, M)`` ``g·r_j`` of every atom and reflection (Cartesian or ``hkl·x`` fractional).
+    g2
+        ``(M,)`` |g|² (Å⁻²).
+    parametrization
+        abTEM parametrisation object (the projected factor at in-plane g equals the 3D form
+        factor at |g|).
+    volume
+        Cell volume Ω (Å³).
+    sigma
+        rms displacement (Å) per atomic number for the Debye–Waller factor; None: static.
+    """
+    out = np.zeros(len(g2), complex)
+    for number in np.unique(numbers):
+        mask = numbers == number
+        form = np.asarray(
+            parametrization.projected_scattering_factor(int(number))(g2.astype(np.float32)), float
+        )
+        if sigma is not None:
+            form = form * np.exp(-2 * np.pi**2 * sigma.get(int(number), 0.0) ** 2 * g2)
+        out += form * np.exp(-2j * np.pi * phase[mask]).sum(axis=0)
+    return out / volume
+
+
 def structure_factors(
     atoms: Atoms,
     g: np.ndarray,
@@ -157,25 +178,24 @@ def structure_factors(
     phonon_sigma: float | dict[str, float] | None = None,
 ) -> np.ndarray:
     """``V_g`` (volts, complex) of a beam-aligned cell at in-plane reciprocal vectors ``g`` (M, 2)."""
-    volume = abs(np.linalg.det(np.asarray(atoms.cell)))
-    g2 = np.sum(g**2, axis=1)
-    symbols = np.array(atoms.get_chemical_symbols())
-    out = np.zeros(len(g), complex)
-    for number in np.unique(atoms.numbers):
-        mask = atoms.numbers == number
-        form = np.asarray(
-            parametrization.projected_scattering_factor(int(number))(g2.astype(np.float32)), float
-        )
-        if phonon_sigma is not None:
-            sigma = (
-                phonon_sigma.get(symbols[mask][0], 0.0)
-                if isinstance(phonon_sigma, dict)
-                else phonon_sigma
-            )
-            form = form * np.exp(-2 * np.pi**2 * sigma**2 * g2)
-        phases = np.exp(-2j * np.pi * (atoms.positions[mask, :2] @ g.T))
-        out += form * phases.sum(axis=0)
-    return out / volume
+    from ase.data import chemical_symbols
+
+    sigma = None
+    if phonon_sigma is not None:
+        sigma = {
+            int(n): phonon_sigma.get(chemical_symbols[n], 0.0)
+            if isinstance(phonon_sigma, dict)
+            else phonon_sigma
+            for n in np.unique(atoms.numbers)
+        }
+    return potential_coefficients(
+        atoms.numbers,
+        atoms.positions[:, :2] @ g.T,
+        np.sum(g**2, axis=1),
+        parametrization,
+        abs(np.linalg.det(np.asarray(atoms.cell))),
+        sigma,
+    )
 
 
 def render_target(

@@ -25,6 +25,7 @@ from stemforge.datasets.peak_lists import (
 )
 from stemforge.models.crystal_id import CrystalIdentifier, aggregate
 from stemforge.models.peak_features import PeakFeatures
+from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,15 @@ def identification_scores(
             np.mean(np.any(predictions.top_groups(3) == lists.space_group[:, None], axis=1))
         ),
     }
-    hits = []
+    group_hits, system_hits = [], []
     for structure in np.unique(lists.structure_id):
         rows = np.flatnonzero(lists.structure_id == structure)
         result = aggregate(predictions.take(rows))
-        hits.append(result.space_group == lists.space_group[rows[0]])
-        hits[-1] = (hits[-1], result.crystal_system == _system_name(system[rows[0]]))
-    scores[f"{prefix}/aggregate_group_accuracy"] = float(np.mean([h[0] for h in hits]))
-    scores[f"{prefix}/aggregate_system_accuracy"] = float(np.mean([h[1] for h in hits]))
+        group_hits.append(result.space_group == lists.space_group[rows[0]])
+        system_hits.append(result.crystal_system == CRYSTAL_SYSTEMS[system[rows[0]]])
+    scores[f"{prefix}/aggregate_group_accuracy"] = float(np.mean(group_hits))
+    scores[f"{prefix}/aggregate_system_accuracy"] = float(np.mean(system_hits))
     return scores
-
-
-def _system_name(index: int) -> str:
-    from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
-
-    return CRYSTAL_SYSTEMS[int(index)]
 
 
 def load_training_lists(data: dict[str, Any], seed: int) -> PeakLists:

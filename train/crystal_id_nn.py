@@ -28,9 +28,6 @@ import torch.nn.functional as F
 from stemforge.core.errors import ConfigurationError
 from stemforge.models.peak_set import INPUTS, denormalize_lattice, normalize_lattice
 from stemforge.train.module import (
-    _DEFAULT_OPTIMIZER,
-    _DEFAULT_SCHEDULER,
-    SCHEDULES,
     ScheduledModule,
     instantiate_model,
 )
@@ -82,12 +79,6 @@ class CrystalIdNNModule(ScheduledModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        scheduler = {**_DEFAULT_SCHEDULER, **dict(scheduler or {})}
-        if scheduler["name"] not in SCHEDULES:
-            raise ConfigurationError(
-                f"unknown learning-rate schedule {scheduler['name']!r}",
-                f"use one of {list(SCHEDULES)}",
-            )
         if min(group_weight, lattice_weight, label_smoothing) < 0 or label_smoothing >= 1:
             raise ConfigurationError(
                 f"loss settings group_weight={group_weight}, lattice_weight={lattice_weight}, "
@@ -97,8 +88,7 @@ class CrystalIdNNModule(ScheduledModule):
         self.save_hyperparameters(
             {
                 "model": dict(model),
-                "optimizer": dict(optimizer or _DEFAULT_OPTIMIZER),
-                "scheduler": scheduler,
+                **self.optimization(optimizer, scheduler),
                 "group_weight": float(group_weight),
                 "lattice_weight": float(lattice_weight),
                 "label_smoothing": float(label_smoothing),

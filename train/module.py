@@ -230,6 +230,25 @@ class ScheduledModule(pl.LightningModule):
     training step from ``(hparams.seed, epoch, batch, rank)``, so a resumed run continues
     bit for bit."""
 
+    @staticmethod
+    def optimization(
+        optimizer: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | None
+    ) -> dict[str, dict[str, Any]]:
+        """The ``optimizer`` and ``scheduler`` hyperparameters with defaults filled in.
+
+        Raises
+        ------
+        ConfigurationError
+            For an unknown schedule name.
+        """
+        scheduler = {**_DEFAULT_SCHEDULER, **dict(scheduler or {})}
+        if scheduler["name"] not in SCHEDULES:
+            raise ConfigurationError(
+                f"unknown learning-rate schedule {scheduler['name']!r}",
+                f"use one of {list(SCHEDULES)}",
+            )
+        return {"optimizer": dict(optimizer or _DEFAULT_OPTIMIZER), "scheduler": scheduler}
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(
             _step_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
@@ -322,19 +341,12 @@ class FCUNetModule(ScheduledModule):
         super().__init__()
         if loss not in LOSSES:
             raise ConfigurationError(f"unknown loss {loss!r}", f"use one of {sorted(LOSSES)}")
-        scheduler = {**_DEFAULT_SCHEDULER, **dict(scheduler or {})}
-        if scheduler["name"] not in SCHEDULES:
-            raise ConfigurationError(
-                f"unknown learning-rate schedule {scheduler['name']!r}",
-                f"use one of {list(SCHEDULES)}",
-            )
         # Plain containers only: checkpoints then load with torch's weights-only unpickler.
         self.save_hyperparameters(
             {
                 "model": dict(model),
                 "loss": loss,
-                "optimizer": dict(optimizer or _DEFAULT_OPTIMIZER),
-                "scheduler": scheduler,
+                **self.optimization(optimizer, scheduler),
                 "peak_threshold": float(peak_threshold),
                 "match_tolerance": float(match_tolerance),
                 "log_images_every_n_epochs": int(log_images_every_n_epochs),

@@ -35,8 +35,9 @@ CRYSTAL_SYSTEMS = (
     "hexagonal",
     "cubic",
 )
-# First international space-group number of each crystal system, in the order above.
-_FIRST_GROUP = (1, 3, 16, 75, 143, 168, 195, 231)
+#: First international space-group number of each crystal system, in the order above
+#: (231 closes the last range).
+FIRST_SPACE_GROUP = (1, 3, 16, 75, 143, 168, 195, 231)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def crystal_system_of(space_group: int) -> str:
         )
     return next(
         name
-        for name, first, stop in zip(CRYSTAL_SYSTEMS, _FIRST_GROUP, _FIRST_GROUP[1:], strict=True)
+        for name, first, stop in zip(CRYSTAL_SYSTEMS, FIRST_SPACE_GROUP, FIRST_SPACE_GROUP[1:], strict=True)
         if first <= space_group < stop
     )
 
@@ -87,7 +88,7 @@ def crystal_system_of(space_group: int) -> str:
 def space_group_range(crystal_system: str) -> range:
     """Space-group numbers of a crystal system."""
     i = CRYSTAL_SYSTEMS.index(check_crystal_system(crystal_system))
-    return range(_FIRST_GROUP[i], _FIRST_GROUP[i + 1])
+    return range(FIRST_SPACE_GROUP[i], FIRST_SPACE_GROUP[i + 1])
 
 
 def check_crystal_system(name: str) -> str:
