@@ -45,25 +45,12 @@ def _calibrated(cube: Any, options: dict[str, Any]) -> Any:  # DataCube
     return cube.with_calibration(cube.calibration.replace(**changes)) if changes else cube
 
 
-def _candidates(specs: tuple[str, ...]) -> dict[str, Any]:
-    """Structures by name from CIF/POSCAR paths or structure ids."""
-    from stemforge.simulate.structures import get_structure
-    from stemforge.simulate.structures.user_files import read_structure_file
-
-    out = {}
-    for spec in specs:
-        record = read_structure_file(spec) if Path(spec).is_file() else get_structure(spec)
-        out[f"{record.structure.composition.reduced_formula} ({Path(spec).name})"] = (
-            record.structure
-        )
-    return out
-
-
 def _d_spacings(cube: Any, summary: Any, options: dict[str, Any]) -> Any:  # ndarray | None
     """Reflections detected at the crystalline positions, tabulated and indexed."""
     from stemforge.infer.amorphous import d_spacing_table, index_d_spacings, reflection_lengths
     from stemforge.infer.bragg_commands import _roi
     from stemforge.infer.bragg_pipeline import detect_bragg_peaks, vacuum_probe
+    from stemforge.infer.candidates import load_candidates
 
     crystalline = summary.maps["crystalline"]
     if not crystalline.any():
@@ -82,7 +69,7 @@ def _d_spacings(cube: Any, summary: Any, options: dict[str, Any]) -> Any:  # nda
     )
     # Peaks of one reflection scatter by a fraction of a pixel: clusters one pixel wide.
     table = d_spacing_table(lengths, intensity, tolerance=q_pixel)
-    indexed = index_d_spacings(table, _candidates(options["candidates"]), q_pixel)
+    indexed = index_d_spacings(table, load_candidates(options["candidates"]), q_pixel)
     for row in indexed:
         name = row["candidate"].decode() or "unindexed"
         click.echo(f"  d = {row['d']:.4f} Å  ({row['count']} peaks)  {name} {row['hkl'].decode()}")

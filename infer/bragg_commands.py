@@ -189,6 +189,54 @@ def _detect(input_file: str, options: dict[str, Any], out: Path):  # noqa: ANN20
     return cube, peaks, checkpoint
 
 
+def _peaks_for(input_file: str, options: dict[str, Any], out: Path):  # noqa: ANN202 - 4-tuple
+    """The Bragg peaks of INPUT and their calibration, for commands that analyse peaks.
+
+    With a probe option INPUT is a datacube (or a ``.npy`` stack) whose disks are detected
+    (resumably, see :func:`_detect`), its calibration completed with measured origins;
+    without one INPUT is a peak file. ``--energy`` and ``--q-pixel-size`` override the
+    calibration. Returns ``(peaks, calibration, cube or None, checkpoint or None)``.
+    """
+    has_probe = any(options[k] is not None for k in ("probe", "probe_region", "probe_radius"))
+    cube = checkpoint = None
+    if has_probe:
+        from stemforge.infer.bragg_pipeline import with_origin
+
+        cube, peaks, checkpoint = _detect(input_file, options, out)
+        cube = with_origin(cube, options["memory_budget"])
+        calibration = cube.calibration
+    else:
+        from stemforge.datasets.io import read_braggpeaks_file
+
+        found = read_braggpeaks_file(input_file, scan_shape=_scan_shape(options["scan_shape"]))
+        peaks, calibration = found.peaks, found.calibration
+    if options["energy"] is not None:
+        calibration = calibration.replace(energy=options["energy"])
+    if options["q_pixel_size"] is not None:
+        if options["q_pixel_size"] <= 0:
+            raise click.BadParameter("must be positive", param_hint="--q-pixel-size")
+        calibration = calibration.replace(q_pixel_size=options["q_pixel_size"], q_units="A^-1")
+    if cube is not None:
+        cube = cube.with_calibration(calibration)
+    return peaks, calibration, cube, checkpoint
+
+
+def calibration_options(func: Callable) -> Callable:
+    """``--q-pixel-size`` and ``--energy``, overriding the file's calibration."""
+    func = click.option(
+        "--energy",
+        type=float,
+        metavar="EV",
+        help="Beam energy (eV), for files calibrated in mrad [default: from the file].",
+    )(func)
+    return click.option(
+        "--q-pixel-size",
+        type=float,
+        metavar="INV_A",
+        help="Reciprocal pixel size (Å⁻¹ per pixel) [default: from the file].",
+    )(func)
+
+
 def _check_new(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise click.UsageError(f"{path} exists; pass --overwrite to replace it")

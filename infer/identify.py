@@ -18,13 +18,12 @@ import numpy as np
 from stemforge.core.braggpeaks import BraggPeaks
 from stemforge.core.calibration import Calibration
 from stemforge.core.errors import ConfigurationError, InvalidDataError
+from stemforge.infer.lattice import DIRECT_BEAM_RADIUS, spot_lists
 from stemforge.models.crystal_id import Aggregate, CrystalIdentifier, PatternPredictions, aggregate
 from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
 
 #: Default zoo model.
 DEFAULT_MODEL = "crystal_id"
-#: Spots within this many pixels of the origin are the direct beam.
-DIRECT_BEAM_RADIUS = 1.5
 #: Patterns with fewer diffracted spots than this are not identified.
 MIN_SPOTS = 3
 
@@ -37,32 +36,6 @@ def load_identifier(spec: str | None = None) -> CrystalIdentifier:
     from stemforge.models.zoo import pull
 
     return CrystalIdentifier.load(pull(spec))
-
-
-def spot_lists(
-    peaks: BraggPeaks, calibration: Calibration
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR spot lists in Å⁻¹ about each pattern's origin, direct beam removed.
-
-    Returns
-    -------
-    q, intensity, offsets
-        As :class:`~stemforge.models.peak_features.PeakFeatures` takes them, one list per
-        scan position in row-major (rx, ry) order.
-    """
-    from stemforge.infer.lattice import centered_peaks
-
-    if calibration.q_units == "pixels":
-        raise ConfigurationError(
-            "the reciprocal-space pixel size is not calibrated",
-            "pass --q-pixel-size (Å⁻¹ per pixel, or mrad with --energy), or calibrate the file",
-        )
-    qx, qy = centered_peaks(peaks, calibration, units="A^-1")
-    pixel = calibration.q_pixel_size_inv_angstrom
-    diffracted = np.hypot(qx, qy) > DIRECT_BEAM_RADIUS * pixel
-    kept = peaks.select(diffracted)
-    q = np.stack([qx[diffracted], qy[diffracted]], axis=1)
-    return q, np.asarray(kept.intensity, float), kept.offsets
 
 
 def detected_peak_lists(folder: str | Path, params: Any = None) -> Any:

@@ -10,8 +10,13 @@ from typing import Any
 
 import click
 
-from stemforge.infer.bragg_commands import _check_new, _detect, _roi, detection_options
-from stemforge.infer.commands import _scan_shape
+from stemforge.infer.bragg_commands import (
+    _check_new,
+    _peaks_for,
+    _roi,
+    calibration_options,
+    detection_options,
+)
 
 
 @click.command()
@@ -22,18 +27,7 @@ from stemforge.infer.commands import _scan_shape
     "identifier",
     help="Identification model: zoo NAME[@VERSION] or a .skops file [default: crystal_id].",
 )
-@click.option(
-    "--q-pixel-size",
-    type=float,
-    metavar="INV_A",
-    help="Reciprocal pixel size (Å⁻¹ per pixel) [default: from the file].",
-)
-@click.option(
-    "--energy",
-    type=float,
-    metavar="EV",
-    help="Beam energy (eV), for files calibrated in mrad [default: from the file].",
-)
+@calibration_options
 @click.option(
     "--roi",
     metavar="RX0:RX1,RY0:RY1",
@@ -49,8 +43,6 @@ from stemforge.infer.commands import _scan_shape
 def identify(
     input_file: str,
     identifier: str | None,
-    q_pixel_size: float | None,
-    energy: float | None,
     roi: str | None,
     out: str,
     overwrite: bool,
@@ -75,24 +67,7 @@ def identify(
     if out_path.suffix.lower() not in (".json", ".h5", ".hdf5"):
         raise click.BadParameter(f"{out!r}: use .json or .h5", param_hint="--out")
     _check_new(out_path, overwrite)
-    has_probe = any(options[k] is not None for k in ("probe", "probe_region", "probe_radius"))
-    checkpoint = None
-    if has_probe:
-        from stemforge.infer.bragg_pipeline import with_origin
-
-        cube, peaks, checkpoint = _detect(input_file, options, out_path)
-        calibration = with_origin(cube, options["memory_budget"]).calibration
-    else:
-        from stemforge.datasets.io import read_braggpeaks_file
-
-        found = read_braggpeaks_file(input_file, scan_shape=_scan_shape(options["scan_shape"]))
-        peaks, calibration = found.peaks, found.calibration
-    if energy is not None:
-        calibration = calibration.replace(energy=energy)
-    if q_pixel_size is not None:
-        if q_pixel_size <= 0:
-            raise click.BadParameter("must be positive", param_hint="--q-pixel-size")
-        calibration = calibration.replace(q_pixel_size=q_pixel_size, q_units="A^-1")
+    peaks, calibration, _, checkpoint = _peaks_for(input_file, options, out_path)
     model = load_identifier(identifier)
     result = identify_scan(peaks, calibration, model, roi=_roi(roi, "--roi"))
     written = write_identification(result, out_path, identifier or DEFAULT_MODEL)

@@ -806,3 +806,34 @@ def fit_lattice(
         n_peaks=n.reshape(shape),
         mask=valid.reshape(shape),
     )
+
+
+#: Spots within this many pixels of the origin are the direct beam ...
+DIRECT_BEAM_RADIUS = 1.5
+#: ... but never beyond this (Å⁻¹): peak files calibrated straight in Å⁻¹ have 1 Å⁻¹ "pixels",
+#: and the shortest reflections of large cells (~20 Å) lie at 0.05 Å⁻¹.
+DIRECT_BEAM_REACH = 0.04
+
+
+def spot_lists(
+    peaks: BraggPeaks, calibration: Calibration
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR spot lists in Å⁻¹ about each pattern's origin, direct beam removed.
+
+    Returns
+    -------
+    q, intensity, offsets
+        As :class:`~stemforge.models.peak_features.PeakFeatures` takes them, one list per
+        scan position in row-major (rx, ry) order.
+    """
+    if calibration.q_units == "pixels":
+        raise ConfigurationError(
+            "the reciprocal-space pixel size is not calibrated",
+            "pass --q-pixel-size (Å⁻¹ per pixel, or mrad with --energy), or calibrate the file",
+        )
+    qx, qy = centered_peaks(peaks, calibration, units="A^-1")
+    pixel = calibration.q_pixel_size_inv_angstrom
+    diffracted = np.hypot(qx, qy) > min(DIRECT_BEAM_RADIUS * pixel, DIRECT_BEAM_REACH)
+    kept = peaks.select(diffracted)
+    q = np.stack([qx[diffracted], qy[diffracted]], axis=1)
+    return q, np.asarray(kept.intensity, float), kept.offsets

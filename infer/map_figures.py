@@ -5,7 +5,7 @@ Figures are views for people; the numbers live in the HDF5 files written next to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +114,143 @@ def write_strain_pngs(
         )
     )
     return written
+
+
+def _figure_size(rx: int, ry: int, extra: float) -> tuple[float, float]:
+    width = 4.0
+    return width + extra, max(2.0, min(8.0, width * rx / max(ry, 1)))
+
+
+def write_ipf_png(
+    path: str | Path,
+    colors: np.ndarray,
+    *,
+    mask: np.ndarray,
+    key: np.ndarray,
+    title: str,
+    key_labels: Sequence[tuple[str, tuple[float, float]]] = (),
+    overwrite: bool = True,
+) -> Path:
+    """An inverse-pole-figure map ``(Rx, Ry, 3)`` with its colour key as an inset.
+
+    Parameters
+    ----------
+    path
+        Output PNG.
+    colors
+        RGB in ``[0, 1]`` per scan position (``orientation_export.ipf_colors``).
+    mask
+        ``(Rx, Ry)`` True where the orientation is valid; other positions (and NaN colours)
+        are drawn grey.
+    key
+        RGBA image of the colour key (``orientation_export.ipf_key``).
+    title
+        Figure title, e.g. the phase and the lab direction ("IPF-Z").
+    key_labels
+        ``(text, (row, col))`` in key pixels (``orientation_export.ipf_key_labels``).
+
+    The map is drawn with scan x down the rows and scan y across, as arrays print.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    colors = np.asarray(colors, dtype=np.float64)
+    rx, ry = colors.shape[:2]
+    valid = np.asarray(mask, dtype=bool) & np.all(np.isfinite(colors), axis=-1)
+    shown = np.where(valid[..., None], np.clip(np.nan_to_num(colors), 0.0, 1.0), 0.6)
+    fig, ax = plt.subplots(figsize=_figure_size(rx, ry, 1.8))
+    ax.imshow(shown, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("scan y (px)")
+    ax.set_ylabel("scan x (px)")
+    inset = ax.inset_axes((1.04, 0.55, 0.42, 0.42))
+    inset.imshow(key, interpolation="bilinear")
+    for text, (row, col) in key_labels:
+        inset.annotate(
+            text,
+            (col, row),
+            fontsize=7,
+            ha="center",
+            va="center",
+            xytext=(0, -7 if row > key.shape[0] / 2 else 7),
+            textcoords="offset points",
+        )
+    inset.set_axis_off()
+    fig.tight_layout()
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_phase_png(
+    path: str | Path,
+    phase: np.ndarray,
+    names: Sequence[str],
+    *,
+    title: str,
+    score: np.ndarray | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """A categorical phase map ``(Rx, Ry)`` with a legend of the phase names.
+
+    Parameters
+    ----------
+    path
+        Output PNG.
+    phase
+        ``(Rx, Ry)`` int index into ``names``; ``-1`` (no phase: amorphous or not indexed) is
+        drawn grey.
+    names
+        Phase names, one per index.
+    title
+        Figure title.
+    score
+        Optional ``(Rx, Ry)`` match score: brightness runs from 35 % (lowest finite score)
+        to 100 % (highest), so weak matches look dark.
+
+    The map is drawn with scan x down the rows and scan y across, as arrays print.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    path = Path(path)
+    phase = np.asarray(phase)
+    rx, ry = phase.shape
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = np.array([palette(i % palette.N)[:3] for i in range(len(names))]).reshape(-1, 3)
+    none = np.array([0.6, 0.6, 0.6])
+    known = (phase >= 0) & (phase < len(names))
+    lookup = np.vstack([colours, none])  # the last row stands for "no phase"
+    image = lookup[np.where(known, phase, len(names))]
+    if score is not None:
+        score = np.asarray(score, dtype=np.float64)
+        finite = known & np.isfinite(score)
+        if np.any(finite):
+            lo, hi = score[finite].min(), score[finite].max()
+            level = np.where(finite, (score - lo) / (hi - lo) if hi > lo else 1.0, 1.0)
+            image = image * (0.35 + 0.65 * level[..., None])
+    fig, ax = plt.subplots(figsize=_figure_size(rx, ry, 2.2))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("scan y (px)")
+    ax.set_ylabel("scan x (px)")
+    handles = [
+        Patch(color=colours[i], label=f"{name} ({np.count_nonzero(phase == i)})")
+        for i, name in enumerate(names)
+    ]
+    handles.append(Patch(color=none, label=f"none/amorphous ({np.count_nonzero(~known)})"))
+    ax.legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False
+    )
+    fig.tight_layout()
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

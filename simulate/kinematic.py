@@ -119,6 +119,34 @@ def excitation_errors(g_lab: np.ndarray, energy: float) -> np.ndarray:
     return -g_lab[..., 2] - np.sum(g_lab**2, axis=-1) / (2 * k0)
 
 
+def spot_intensities(
+    crystal: ReciprocalLattice,
+    g_lab: np.ndarray,
+    energy: float,
+    thickness: float,
+    semiangle: float = 0.0,
+) -> np.ndarray:
+    """Kinematic intensities of ``crystal``'s reflections rotated to ``g_lab`` ``(..., M, 3)``.
+
+    ``|V_g|²`` times a Gaussian shape factor of the excitation error
+    (:func:`shape_factor_width`).
+    """
+    s = excitation_errors(g_lab, energy)
+    width = shape_factor_width(np.linalg.norm(g_lab, axis=-1), thickness, semiangle)
+    return crystal.amplitude**2 * np.exp(-(s**2) / (2 * width**2))
+
+
+def shape_factor_width(length: np.ndarray, thickness: float, semiangle: float) -> np.ndarray:
+    """Width σ_s (Å⁻¹) of the excitation-error shape factor for reflections of ``|g|``.
+
+    ``σ_s² = (0.44/t)² + (|g| α/2)²``: the thickness fringe's central width and the spread
+    of incidence directions in a convergent probe of semiangle α (mrad).
+    """
+    if not thickness > 0:
+        raise ConfigurationError(f"thickness must be positive, got {thickness} Å")
+    return np.sqrt((0.44 / thickness) ** 2 + (np.asarray(length) * semiangle * 1e-3 / 2) ** 2)
+
+
 def kinematic_spots(
     crystal: ReciprocalLattice,
     rotation: np.ndarray,
@@ -156,13 +184,8 @@ def kinematic_spots(
         ``(N, 2)`` spot positions (Å⁻¹, lab frame), ``(N,)`` intensities (V², relative
         scale) and ``(N, 3)`` indices, strongest first; the direct beam is not included.
     """
-    if not thickness > 0:
-        raise ConfigurationError(f"thickness must be positive, got {thickness} Å")
     g_lab = crystal.g @ np.asarray(rotation, float).T
-    s = excitation_errors(g_lab, energy)
-    length = np.linalg.norm(g_lab, axis=1)
-    sigma2 = (0.44 / thickness) ** 2 + (length * semiangle * 1e-3 / 2) ** 2
-    intensity = crystal.amplitude**2 * np.exp(-(s**2) / (2 * sigma2))
+    intensity = spot_intensities(crystal, g_lab, energy, thickness, semiangle)
     keep = np.ones(len(intensity), bool)
     if q_max is not None:
         keep &= np.hypot(g_lab[:, 0], g_lab[:, 1]) <= q_max

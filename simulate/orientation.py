@@ -344,8 +344,9 @@ def apply_strain(atoms: Atoms, strain) -> Atoms:
 # ---- zone-axis sampling -------------------------------------------------------------------
 
 
-def _point_group(structure, symprec: float) -> np.ndarray:
-    """Rotations (fractional coordinates of ``structure``'s cell) of its point group."""
+def point_group(structure, symprec: float = 1e-3) -> np.ndarray:
+    """Operations (integer matrices in fractional coordinates of ``structure``'s cell) of its
+    point group, proper and improper."""
     import spglib
 
     cell = (structure.lattice.matrix, structure.frac_coords, [s.specie.Z for s in structure])
@@ -371,7 +372,7 @@ def zone_axes(max_index: int, structure=None, symprec: float = 1e-3) -> list[tup
     if max_index < 1:
         raise ConfigurationError(f"max_index must be ≥ 1, got {max_index}", "use e.g. 1, 2 or 3")
     rotations = (
-        np.eye(3, dtype=int)[None] if structure is None else _point_group(structure, symprec)
+        np.eye(3, dtype=int)[None] if structure is None else point_group(structure, symprec)
     )
     found = set()
     for uvw in itertools.product(range(-max_index, max_index + 1), repeat=3):

@@ -105,3 +105,14 @@ def test_demo_on_real_precession_data(tmp_path):
     assert strain["strain RMSE against truth (%)"]["e_xx"] < 0.05
     for name in ("strain.h5", "strain_e_xx.png", "strain_theta.png", "strain_peaks.h5"):
         assert (out / name).is_file(), name
+    # part three: the simulated MgO / SrTiO3 / amorphous-Si scan: every crystalline position
+    # gets its phase, the amorphous region is found exactly, and the two-fold-axis grains
+    # ([001], [011]; no Friedel twin) come back within a fraction of a degree.
+    phase = summary["phases of a simulated MgO / SrTiO3 / amorphous scan"]
+    assert phase["phase accuracy (crystalline positions)"] >= 0.98
+    assert phase["amorphous precision"] >= 0.95 and phase["amorphous recall"] >= 0.95
+    assert phase["orientation error median (deg)"] < 1.0
+    per_grain = phase["orientation error median per grain (deg)"]
+    assert max(per_grain[g] for g in ("0", "1", "2")) < 0.5
+    for name in ("phase.h5", "phase_phase.png", "phase_ipf_MgO.png", "phase.ang"):
+        assert (out / name).is_file(), name

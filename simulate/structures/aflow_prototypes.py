@@ -63,6 +63,50 @@ def resolve(structure_id: str) -> StructureRecord:
     )
 
 
+def find_prototype(name: str) -> StructureRecord:
+    """The prototype a person names: its id, AFLOW label, Strukturbericht symbol or mineral.
+
+    Case-insensitive; ``"B1"``, ``"AB_cF8_225_a_b"``, ``"Spinel"`` and
+    ``"aflow-proto:AB_cF8_225_a_b-NaCl"`` all work. A mineral name may be part of the
+    library's (``"rocksalt"`` matches ``"Rock Salt, Halite"``) but must name one prototype.
+
+    Raises
+    ------
+    ConfigurationError
+        No prototype, or several, go by that name.
+    """
+    key = name.strip().lower()
+    records = _records()
+    exact = [
+        rid
+        for rid, r in records.items()
+        if key
+        in (
+            rid.lower(),
+            rid.removeprefix(PREFIX).lower(),
+            r.provenance["aflow_label"].lower(),
+            (r.provenance["strukturbericht"] or "").lower(),
+            (r.provenance["mineral"] or "").lower(),
+        )
+    ]
+    found = exact or [
+        rid
+        for rid, r in records.items()
+        if key and key.replace(" ", "") in (r.provenance["mineral"] or "").lower().replace(" ", "")
+    ]
+    if len(found) == 1:
+        return _copy(records[found[0]])
+    if not found:
+        raise ConfigurationError(
+            f"no AFLOW prototype is called {name!r}",
+            "give a CIF/POSCAR file, a structure id, or an AFLOW label / Strukturbericht "
+            "symbol / mineral name of pymatgen's prototype library",
+        )
+    raise ConfigurationError(
+        f"{name!r} names {len(found)} AFLOW prototypes", f"pick one id: {', '.join(found[:12])}"
+    )
+
+
 def _copy(record: StructureRecord) -> StructureRecord:
     # The library is built once per process; callers get their own mutable Structure.
     return StructureRecord(record.id, record.structure.copy(), dict(record.provenance))
