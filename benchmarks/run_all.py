@@ -69,6 +69,12 @@ BENCHMARKS = {
         quick=None,
         py4dstem=True,
     ),
+    "orientation": Benchmark(
+        "orientation_speed.py",
+        "orientation matching positions/s and misorientation vs py4DSTEM",
+        ("orientation",),
+        py4dstem=True,
+    ),
     "fcunet": Benchmark(
         "fcunet_accuracy.py", "FCU-Net vs correlation accuracy", ("fcunet",), long=True
     ),

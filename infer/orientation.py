@@ -55,8 +55,10 @@ _RADIAL_REACH = 4
 _BATCH_BYTES = 128 * 2**20
 #: Best templates of the polar correlation re-ranked by the exact spot score.
 N_BEST = 8
-#: Leading candidates refined per pattern.
+#: Leading candidates refined per pattern ...
 N_REFINE = 3
+#: ... when their grid score is at least this fraction of the best one's.
+REFINE_WITHIN = 0.9
 #: Angle steps around each library direction within which reflections are kept for scoring.
 NEAR_REACH = 3
 #: Low-index zone axes (max |u|, |v|, |w|) always in the library, exactly.
@@ -663,7 +665,7 @@ def refine_orientation(
         cost,
         np.zeros(3),
         method="Nelder-Mead",
-        options={"initial_simplex": simplex, "xatol": 3e-4, "fatol": 1e-4, "maxfev": 200},
+        options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4, "maxfev": 200},
     )
     start = -cost(np.zeros(3))
     if -found.fun <= start:
@@ -764,10 +766,11 @@ def match_orientations(
         if not refine:
             rotation[i], score[i] = starts[i, order[0]], ranked[order[0]]
             continue
-        # Off-grid, a close runner-up can overtake once polished: refine the leaders.
+        # Off-grid, a close runner-up can overtake once polished: refine the leaders that
+        # score within REFINE_WITHIN of the best.
+        leaders = [j for j in order[:n_refine] if ranked[j] >= REFINE_WITHIN * ranked[order[0]]]
         polished = [
-            refine_orientation(library, starts[i, j], spots, weight, nearby[j])
-            for j in order[:n_refine]
+            refine_orientation(library, starts[i, j], spots, weight, nearby[j]) for j in leaders
         ]
         rotation[i], score[i] = max(polished, key=lambda found: found[1])
     return OrientationMatch(
