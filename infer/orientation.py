@@ -56,9 +56,9 @@ _BATCH_BYTES = 128 * 2**20
 #: Best templates of the polar correlation re-ranked by the exact spot score.
 N_BEST = 8
 #: Leading candidates refined per pattern ...
-N_REFINE = 3
+N_REFINE = 6
 #: ... when their grid score is at least this fraction of the best one's.
-REFINE_WITHIN = 0.9
+REFINE_WITHIN = 0.8
 #: Angle steps around each library direction within which reflections are kept for scoring.
 NEAR_REACH = 3
 #: Low-index zone axes (max |u|, |v|, |w|) always in the library, exactly.
@@ -400,28 +400,28 @@ def template_spots(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Kinematic spots ``(q, intensity)`` of ``library``'s crystal at one orientation.
 
-    As :func:`~stemforge.simulate.kinematic.kinematic_spots` (unsorted, no indices: this
-    runs inside refinement loops). ``crystal`` may restrict the reflections
-    (:meth:`OrientationLibrary.reflections_near`).
+    As :func:`~stemforge.simulate.kinematic.kinematic_spots` (unsorted, no indices).
+    ``crystal`` may restrict the reflections (:meth:`OrientationLibrary.reflections_near`).
     """
-    crystal = library.crystal if crystal is None else crystal
-    g_lab, intensity, keep = _spot_batch(
-        crystal, np.asarray(rotation, float)[None], library.settings
-    )
-    return g_lab[0, keep[0], :2], intensity[0, keep[0]]
+    return SpotScore(library, crystal=crystal).spots(rotation)
+
+
+def _template_mask(g_lab: np.ndarray, intensity: np.ndarray, s: LibrarySettings) -> np.ndarray:
+    """Which reflections ``(..., M)`` are template spots: within ``q_max``, and above
+    ``min_intensity`` of the strongest of their orientation."""
+    inside = g_lab[..., 0] ** 2 + g_lab[..., 1] ** 2 <= s.q_max**2
+    strongest = np.where(inside, intensity, 0.0).max(axis=-1, keepdims=True)
+    return inside & (intensity > 0) & (intensity >= s.min_intensity * strongest)
 
 
 def _spot_batch(
     crystal: ReciprocalLattice, rotations: np.ndarray, s: LibrarySettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rotated reflections ``(C, M, 3)``, their intensities and which are template spots
-    (within ``q_max`` and above ``min_intensity`` of the strongest), for ``C`` rotations."""
+    """Rotated reflections ``(C, M, 3)``, their intensities and which are template spots,
+    for ``C`` rotations."""
     g_lab = np.einsum("cij,mj->cmi", rotations, crystal.g)
     intensity = spot_intensities(crystal, g_lab, s.energy, s.thickness, s.semiangle)
-    inside = np.hypot(g_lab[..., 0], g_lab[..., 1]) <= s.q_max
-    strongest = np.where(inside, intensity, 0.0).max(axis=1, keepdims=True)
-    keep = inside & (intensity > 0) & (intensity >= s.min_intensity * strongest)
-    return g_lab, intensity, keep
+    return g_lab, intensity, _template_mask(g_lab, intensity, s)
 
 
 def _template_chunk(crystal: ReciprocalLattice) -> int:
@@ -567,6 +567,8 @@ def correlate(
     n_best
         Templates kept per pattern, from as many regions of directions.
     """
+    from scipy import fft as scipy_fft
+
     n_angles = library.settings.n_angles
     n_lib = len(library)
     k = min(n_best, n_lib)
@@ -578,11 +580,14 @@ def correlate(
     near = math.cos(math.radians(library.settings.angle_step))
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
-        measured = np.ascontiguousarray(coefficients[lo:hi].transpose(2, 1, 0))  # (k, r, p)
+        # Normalised before the transform, on the smaller array; single precision throughout.
+        scale = n_angles / np.maximum(norms[lo:hi], 1e-30)
+        measured = np.ascontiguousarray(
+            (coefficients[lo:hi] * scale[:, None, None].astype(np.float32)).transpose(2, 1, 0)
+        )  # (k, r, p)
         spectrum = library.coefficients @ measured  # (k, L, p)
-        curve = np.fft.irfft(spectrum.transpose(2, 1, 0), n=n_angles, axis=-1)  # (p, L, θ)
-        curve *= n_angles / np.maximum(library.norms[None, :, None], 1e-30)
-        curve /= np.maximum(norms[lo:hi, None, None], 1e-30)
+        spectrum /= np.maximum(library.norms, 1e-30)[None, :, None].astype(np.float32)
+        curve = scipy_fft.irfft(spectrum.transpose(2, 1, 0), n=n_angles, axis=-1)  # (p, L, θ)
         peak = curve.max(axis=-1)  # (p, L)
         rows = np.arange(hi - lo)
         # Best templates of k different regions (non-maximum suppression over directions):
@@ -605,27 +610,55 @@ def spot_overlap(
     return float(w_a @ np.exp(-d2 / (4 * sigma**2)) @ w_b)
 
 
-def spot_similarity(
-    library: OrientationLibrary,
-    rotation: np.ndarray,
-    q: np.ndarray,
-    weight: np.ndarray,
-    crystal: ReciprocalLattice | None = None,
-    measured_norm: float | None = None,
-) -> float:
-    """Cosine similarity of measured spots (``q``, ``weight``) and the templates at ``rotation``.
+class SpotScore:
+    """Similarity of one measured spot list with a crystal's kinematic spots at any orientation.
 
-    ``crystal`` may restrict the reflections (:meth:`OrientationLibrary.reflections_near`);
-    ``measured_norm`` (``sqrt(spot_overlap(q, weight, q, weight, σ))``) saves its
-    recomputation in loops.
+    What does not change with the orientation (shape-factor widths, the measured image's
+    norm) is computed once: a refinement scores hundreds of orientations.
+
+    Parameters
+    ----------
+    library
+        Crystal and comparison settings.
+    q, weight
+        Measured spots (Å⁻¹) and weights (``intensity ** intensity_power``); none to use
+        :meth:`spots` only.
+    crystal
+        May restrict the reflections (:meth:`OrientationLibrary.reflections_near`).
     """
-    s = library.settings
-    q_t, intensity = template_spots(library, rotation, crystal)
-    w_t = intensity**s.intensity_power
-    if measured_norm is None:
-        measured_norm = math.sqrt(spot_overlap(q, weight, q, weight, s.sigma_q))
-    norm = measured_norm * math.sqrt(max(spot_overlap(q_t, w_t, q_t, w_t, s.sigma_q), 1e-300))
-    return spot_overlap(q, weight, q_t, w_t, s.sigma_q) / norm if norm > 0 else 0.0
+
+    def __init__(
+        self,
+        library: OrientationLibrary,
+        q: np.ndarray | None = None,
+        weight: np.ndarray | None = None,
+        crystal: ReciprocalLattice | None = None,
+    ) -> None:
+        s = self.settings = library.settings
+        self.crystal = library.crystal if crystal is None else crystal
+        length = np.linalg.norm(self.crystal.g, axis=1)
+        self.width = shape_factor_width(length, s.thickness, s.semiangle)
+        self.q = np.zeros((0, 2)) if q is None else q
+        self.weight = np.zeros(0) if weight is None else weight
+        self.norm = math.sqrt(spot_overlap(self.q, self.weight, self.q, self.weight, s.sigma_q))
+
+    def spots(self, rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Template spots ``(q, intensity)`` at ``rotation``."""
+        s = self.settings
+        g_lab = self.crystal.g @ np.asarray(rotation, float).T
+        intensity = spot_intensities(
+            self.crystal, g_lab, s.energy, s.thickness, s.semiangle, self.width
+        )
+        keep = _template_mask(g_lab, intensity, s)
+        return g_lab[keep, :2], intensity[keep]
+
+    def __call__(self, rotation: np.ndarray) -> float:
+        """Cosine similarity of the two spot images at ``rotation`` (0 … 1)."""
+        s = self.settings
+        q_t, intensity = self.spots(rotation)
+        w_t = intensity**s.intensity_power
+        norm = self.norm * math.sqrt(max(spot_overlap(q_t, w_t, q_t, w_t, s.sigma_q), 1e-300))
+        return spot_overlap(self.q, self.weight, q_t, w_t, s.sigma_q) / norm if norm > 0 else 0.0
 
 
 def _rotation_vector_matrix(omega: np.ndarray) -> np.ndarray:
@@ -644,28 +677,37 @@ def refine_orientation(
     q: np.ndarray,
     weight: np.ndarray,
     crystal: ReciprocalLattice | None = None,
+    *,
+    simplex_size: float = 0.5,
+    tolerance: float = 1e-3,
+    max_evaluations: int = 200,
 ) -> tuple[np.ndarray, float]:
-    """Polish ``rotation`` by maximising :func:`spot_similarity` (Nelder–Mead, rotation vector).
+    """Polish ``rotation`` by maximising the :class:`SpotScore` (Nelder–Mead, rotation vector).
 
-    ``crystal`` may restrict the reflections to those near ``rotation``
-    (:meth:`OrientationLibrary.reflections_near`). Returns the refined rotation and its
-    similarity.
+    Parameters
+    ----------
+    crystal
+        May restrict the reflections to those near ``rotation``
+        (:meth:`OrientationLibrary.reflections_near`).
+    simplex_size
+        First steps, in library angle steps.
+    tolerance, max_evaluations
+        Stop when the simplex is this small (rad) or after this many scores.
+
+    Returns the refined rotation and its similarity.
     """
     from scipy.optimize import minimize
 
     step = math.radians(library.settings.angle_step)
-    norm = math.sqrt(spot_overlap(q, weight, q, weight, library.settings.sigma_q))
+    score = SpotScore(library, q, weight, crystal)
 
     def cost(omega: np.ndarray) -> float:
-        turned = _rotation_vector_matrix(omega) @ rotation
-        return -spot_similarity(library, turned, q, weight, crystal, norm)
+        return -score(_rotation_vector_matrix(omega) @ rotation)
 
-    simplex = np.vstack([np.zeros(3), 0.5 * step * np.eye(3)])
+    simplex = np.vstack([np.zeros(3), simplex_size * step * np.eye(3)])
+    options = {"initial_simplex": simplex, "xatol": tolerance, "fatol": 1e-4}
     found = minimize(
-        cost,
-        np.zeros(3),
-        method="Nelder-Mead",
-        options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4, "maxfev": 200},
+        cost, np.zeros(3), method="Nelder-Mead", options={**options, "maxfev": max_evaluations}
     )
     start = -cost(np.zeros(3))
     if -found.fun <= start:
@@ -751,11 +793,10 @@ def match_orientations(
         spots = q[lo:hi][keep]
         weight = np.clip(intensity[lo:hi][keep], 0, None) ** settings.intensity_power
         # The polar images blur angles by a step: re-rank the candidates with the exact score.
-        norm = math.sqrt(spot_overlap(spots, weight, spots, weight, settings.sigma_q))
         nearby = [library.reflections_near(j) for j in np.tile(found.index[i], 2)]
         ranked = np.array(
             [
-                spot_similarity(library, u, spots, weight, c, norm)
+                SpotScore(library, spots, weight, c)(u)
                 for u, c in zip(starts[i], nearby, strict=True)
             ]
         )
@@ -766,13 +807,28 @@ def match_orientations(
         if not refine:
             rotation[i], score[i] = starts[i, order[0]], ranked[order[0]]
             continue
-        # Off-grid, a close runner-up can overtake once polished: refine the leaders that
-        # score within REFINE_WITHIN of the best.
+        # Off-grid, a close runner-up can overtake once polished: the leaders (within
+        # REFINE_WITHIN of the best grid score) get a quick refinement, the winner a full one.
         leaders = [j for j in order[:n_refine] if ranked[j] >= REFINE_WITHIN * ranked[order[0]]]
-        polished = [
-            refine_orientation(library, starts[i, j], spots, weight, nearby[j]) for j in leaders
-        ]
-        rotation[i], score[i] = max(polished, key=lambda found: found[1])
+        start, simplex = starts[i, leaders[0]], 0.5
+        if len(leaders) > 1:
+            quick = [
+                refine_orientation(
+                    library,
+                    starts[i, j],
+                    spots,
+                    weight,
+                    nearby[j],
+                    tolerance=3e-3,
+                    max_evaluations=40,
+                )
+                for j in leaders
+            ]
+            best = int(np.argmax([found[1] for found in quick]))
+            start, simplex, leaders = quick[best][0], 0.1, [leaders[best]]
+        rotation[i], score[i] = refine_orientation(
+            library, start, spots, weight, nearby[leaders[0]], simplex_size=simplex
+        )
     return OrientationMatch(
         rotation=rotation,
         score=score,

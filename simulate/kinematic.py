@@ -125,14 +125,17 @@ def spot_intensities(
     energy: float,
     thickness: float,
     semiangle: float = 0.0,
+    width: np.ndarray | None = None,
 ) -> np.ndarray:
     """Kinematic intensities of ``crystal``'s reflections rotated to ``g_lab`` ``(..., M, 3)``.
 
-    ``|V_g|²`` times a Gaussian shape factor of the excitation error
-    (:func:`shape_factor_width`).
+    ``|V_g|²`` times a Gaussian shape factor of the excitation error of width ``width``
+    (default :func:`shape_factor_width`; it does not change with the rotation, so loops over
+    orientations pass it once computed).
     """
     s = excitation_errors(g_lab, energy)
-    width = shape_factor_width(np.linalg.norm(g_lab, axis=-1), thickness, semiangle)
+    if width is None:
+        width = shape_factor_width(np.linalg.norm(g_lab, axis=-1), thickness, semiangle)
     return crystal.amplitude**2 * np.exp(-(s**2) / (2 * width**2))
 
 
