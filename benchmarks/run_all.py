@@ -75,6 +75,11 @@ BENCHMARKS = {
         ("orientation",),
         py4dstem=True,
     ),
+    "phase": Benchmark(
+        "phase_accuracy.py",
+        "phase / orientation / amorphous maps of the simulated test scan vs truth",
+        ("phase",),
+    ),
     "fcunet": Benchmark(
         "fcunet_accuracy.py", "FCU-Net vs correlation accuracy", ("fcunet",), long=True
     ),
