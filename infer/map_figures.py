@@ -60,11 +60,7 @@ def write_map_png(
     ax.set_xlabel("scan y (px)")
     ax.set_ylabel("scan x (px)")
     fig.colorbar(shown, ax=ax, label=label)
-    fig.tight_layout()
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path, overwrite)
 
 
 def write_strain_pngs(
@@ -151,21 +147,10 @@ def write_ipf_png(
 
     The map is drawn with scan x down the rows and scan y across, as arrays print.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
     colors = np.asarray(colors, dtype=np.float64)
-    rx, ry = colors.shape[:2]
     valid = np.asarray(mask, dtype=bool) & np.all(np.isfinite(colors), axis=-1)
     shown = np.where(valid[..., None], np.clip(np.nan_to_num(colors), 0.0, 1.0), 0.6)
-    fig, ax = plt.subplots(figsize=_figure_size(rx, ry, 1.8))
-    ax.imshow(shown, interpolation="nearest")
-    ax.set_title(title)
-    ax.set_xlabel("scan y (px)")
-    ax.set_ylabel("scan x (px)")
+    fig, ax = _rgb_map(shown, title, 1.8)
     inset = ax.inset_axes((1.04, 0.55, 0.42, 0.42))
     inset.imshow(key, interpolation="bilinear")
     for text, (row, col) in key_labels:
@@ -179,11 +164,7 @@ def write_ipf_png(
             textcoords="offset points",
         )
     inset.set_axis_off()
-    fig.tight_layout()
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path, overwrite)
 
 
 def write_phase_png(
@@ -214,15 +195,10 @@ def write_phase_png(
 
     The map is drawn with scan x down the rows and scan y across, as arrays print.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    path = Path(path)
     phase = np.asarray(phase)
-    rx, ry = phase.shape
     palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     colours = np.array([palette(i % palette.N)[:3] for i in range(len(names))]).reshape(-1, 3)
     none = np.array([0.6, 0.6, 0.6])
@@ -236,11 +212,7 @@ def write_phase_png(
             lo, hi = score[finite].min(), score[finite].max()
             level = np.where(finite, (score - lo) / (hi - lo) if hi > lo else 1.0, 1.0)
             image = image * (0.35 + 0.65 * level[..., None])
-    fig, ax = plt.subplots(figsize=_figure_size(rx, ry, 2.2))
-    ax.imshow(image, interpolation="nearest")
-    ax.set_title(title)
-    ax.set_xlabel("scan y (px)")
-    ax.set_ylabel("scan x (px)")
+    fig, ax = _rgb_map(image, title, 2.2)
     handles = [
         Patch(color=colours[i], label=f"{name} ({np.count_nonzero(phase == i)})")
         for i, name in enumerate(names)
@@ -249,6 +221,30 @@ def write_phase_png(
     ax.legend(
         handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False
     )
+    return _save_png(fig, path, overwrite)
+
+
+def _rgb_map(image: np.ndarray, title: str, extra_width: float):  # noqa: ANN202 - (fig, ax)
+    """A figure showing an ``(Rx, Ry, 3)`` RGB map, scan x down the rows, with room at the
+    right (inches) for a legend or key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=_figure_size(*image.shape[:2], extra_width))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("scan y (px)")
+    ax.set_ylabel("scan x (px)")
+    return fig, ax
+
+
+def _save_png(fig, path: str | Path, overwrite: bool) -> Path:  # noqa: ANN001 - a Figure
+    """Write ``fig`` as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fig.tight_layout()
     with atomic_output(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
