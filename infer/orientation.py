@@ -55,6 +55,9 @@ _RADIAL_REACH = 4
 _BATCH_BYTES = 128 * 2**20
 #: Best templates of the polar correlation re-ranked by the exact spot score.
 N_BEST = 8
+#: Grid starts are up to a step off in tilt, which changes excitation errors a lot: they are
+#: ranked with shape factors this many times wider.
+RANK_TILT_TOLERANCE = 3.0
 #: Leading candidates refined per pattern ...
 N_REFINE = 6
 #: ... when their grid score is at least this fraction of the best one's.
@@ -625,6 +628,8 @@ class SpotScore:
         :meth:`spots` only.
     crystal
         May restrict the reflections (:meth:`OrientationLibrary.reflections_near`).
+    width_factor
+        Widens the excitation-error shape factors: a score tolerant to tilt.
     """
 
     def __init__(
@@ -633,11 +638,12 @@ class SpotScore:
         q: np.ndarray | None = None,
         weight: np.ndarray | None = None,
         crystal: ReciprocalLattice | None = None,
+        width_factor: float = 1.0,
     ) -> None:
         s = self.settings = library.settings
         self.crystal = library.crystal if crystal is None else crystal
         length = np.linalg.norm(self.crystal.g, axis=1)
-        self.width = shape_factor_width(length, s.thickness, s.semiangle)
+        self.width = width_factor * shape_factor_width(length, s.thickness, s.semiangle)
         self.q = np.zeros((0, 2)) if q is None else q
         self.weight = np.zeros(0) if weight is None else weight
         self.norm = math.sqrt(spot_overlap(self.q, self.weight, self.q, self.weight, s.sigma_q))
@@ -782,7 +788,10 @@ def match_orientations(
     # beam, which is no crystal symmetry for most directions: only excitation errors
     # (intensities) tell U from its half-turned twin, so both are scored.
     starts = np.concatenate([starts, in_plane_rotations(np.pi) @ starts], axis=1)
-    distinct = 2 * settings.angle_step
+
+    def _distinct(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(misorientation(a, b, library.symmetry) > 2 * settings.angle_step)
+
     n = len(n_spots)
     rotation = np.full((n, 3, 3), np.nan)
     score = np.full(n, np.nan)
@@ -796,23 +805,23 @@ def match_orientations(
         nearby = [library.reflections_near(j) for j in np.tile(found.index[i], 2)]
         ranked = np.array(
             [
-                SpotScore(library, spots, weight, c)(u)
+                SpotScore(library, spots, weight, c, RANK_TILT_TOLERANCE)(u)
                 for u, c in zip(starts[i], nearby, strict=True)
             ]
         )
         order = np.argsort(-ranked, kind="stable")
-        others = misorientation(starts[i, order[0]], starts[i], library.symmetry) > distinct
-        runner_up = ranked[others].max(initial=0.0)
-        reliability[i] = max(0.0, 1 - runner_up / ranked[order[0]]) if ranked[order[0]] > 0 else 0.0
-        if not refine:
-            rotation[i], score[i] = starts[i, order[0]], ranked[order[0]]
-            continue
-        # Off-grid, a close runner-up can overtake once polished: the leaders (within
-        # REFINE_WITHIN of the best grid score) get a quick refinement, the winner a full one.
+        # A close runner-up can overtake once on its own orientation: the leaders (within
+        # REFINE_WITHIN of the best) are compared with the sharp score, after a quick
+        # refinement when refining; the winner is then polished.
         leaders = [j for j in order[:n_refine] if ranked[j] >= REFINE_WITHIN * ranked[order[0]]]
-        start, simplex = starts[i, leaders[0]], 0.5
-        if len(leaders) > 1:
-            quick = [
+        # ... and the best by the sharp score, which the tolerant ranking can bury when a
+        # tilt away from a zone axis mimics missing spots.
+        sharp = [
+            SpotScore(library, spots, weight, c)(u) for u, c in zip(starts[i], nearby, strict=True)
+        ]
+        leaders += [j for j in np.argsort(sharp)[::-1][:2] if j not in leaders]
+        if refine:
+            found_leaders = [
                 refine_orientation(
                     library,
                     starts[i, j],
@@ -824,11 +833,19 @@ def match_orientations(
                 )
                 for j in leaders
             ]
-            best = int(np.argmax([found[1] for found in quick]))
-            start, simplex, leaders = quick[best][0], 0.1, [leaders[best]]
-        rotation[i], score[i] = refine_orientation(
-            library, start, spots, weight, nearby[leaders[0]], simplex_size=simplex
-        )
+        else:
+            found_leaders = [(starts[i, j], sharp[j]) for j in leaders]
+        best = int(np.argmax([found[1] for found in found_leaders]))
+        rotation[i], score[i] = found_leaders[best]
+        if refine:
+            rotation[i], score[i] = refine_orientation(
+                library, rotation[i], spots, weight, nearby[leaders[best]], simplex_size=0.1
+            )
+        # Reliability: the sharp score of the best clearly different candidate against it.
+        rivals = [found[1] for found in found_leaders if _distinct(found[0], rotation[i])]
+        rivals += [sharp[j] for j in order if _distinct(starts[i, j], rotation[i])]
+        runner_up = max(rivals, default=0.0)
+        reliability[i] = max(0.0, 1 - runner_up / score[i]) if score[i] > 0 else 0.0
     return OrientationMatch(
         rotation=rotation,
         score=score,
