@@ -62,6 +62,8 @@ RANK_TILT_TOLERANCE = 3.0
 N_REFINE = 6
 #: ... when their grid score is at least this fraction of the best one's.
 REFINE_WITHIN = 0.8
+#: Scores a leader's quick refinement may spend (the winner's polish has its own budget).
+QUICK_EVALUATIONS = 20
 #: Angle steps around each library direction within which reflections are kept for scoring.
 NEAR_REACH = 3
 #: Low-index zone axes (max |u|, |v|, |w|) always in the library, exactly.
@@ -829,7 +831,7 @@ def match_orientations(
                     weight,
                     nearby[j],
                     tolerance=3e-3,
-                    max_evaluations=40,
+                    max_evaluations=QUICK_EVALUATIONS,
                 )
                 for j in leaders
             ]
