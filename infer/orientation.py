@@ -334,7 +334,8 @@ def polar_coefficients(
     -------
     coefficients, norms
         ``(P, n_r, n_k)`` complex64 coefficients ``Σ_spots w R(r) e^{-ikφ - k²σ_φ²/2}`` (spots
-        beyond ``q_max`` dropped) and ``(P,)`` L2 norms of the images (0 without spots).
+        beyond ``q_max`` or within ``sigma_q`` of the origin, the direct beam, dropped) and
+        ``(P,)`` L2 norms of the images (0 without spots).
     """
     q = np.asarray(q, float).reshape(-1, 2)
     intensity = np.asarray(intensity, float)
@@ -370,7 +371,7 @@ def _spot_factors(
     """
     radii = settings.radii
     rho = np.hypot(q[:, 0], q[:, 1])
-    keep = (rho <= settings.q_max) & (rho > 0)
+    keep = (rho <= settings.q_max) & (rho > settings.sigma_q)
     weight = np.where(keep, np.clip(intensity, 0, None) ** settings.intensity_power, 0.0)
     reach = _RADIAL_REACH
     start = np.clip(np.round(rho / settings.sigma_q).astype(np.int64) - reach, 0, len(radii) - 1)
@@ -764,8 +765,9 @@ def match_orientations(
     library
         From :func:`build_library`.
     q, intensity, offsets
-        CSR spot lists: ``(N, 2)`` positions in Å⁻¹ about the direct beam (left out), lab
-        frame; ``(N,)`` intensities; ``(P + 1,)`` row pointers.
+        CSR spot lists: ``(N, 2)`` positions in Å⁻¹ about the direct beam, lab frame
+        (spots within ``sigma_q`` of the origin, the direct beam, are ignored); ``(N,)``
+        intensities; ``(P + 1,)`` row pointers.
     refine
         Polish each best match off the grid (:func:`refine_orientation`).
     min_spots
@@ -780,7 +782,7 @@ def match_orientations(
     settings = library.settings
     coefficients, norms = polar_coefficients(q, intensity, offsets, settings)
     rho = np.hypot(q[:, 0], q[:, 1])
-    inside = (rho <= settings.q_max) & (rho > 0)
+    inside = (rho <= settings.q_max) & (rho > settings.sigma_q)
     cumulative = np.concatenate([[0], np.cumsum(inside)])
     n_spots = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
     found = correlate(library, coefficients, norms, n_best)
