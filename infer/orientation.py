@@ -33,6 +33,7 @@ from stemforge.core.errors import ConfigurationError, ShapeError
 from stemforge.simulate.kinematic import (
     ReciprocalLattice,
     excitation_errors,
+    in_plane_rotation,
     reciprocal_lattice,
     shape_factor_width,
     spot_intensities,
@@ -277,16 +278,6 @@ def beam_rotations(directions: np.ndarray) -> np.ndarray:
     x = helper - (helper * z).sum(1, keepdims=True) * z
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.stack([x, np.cross(z, x), z], axis=1)
-
-
-def in_plane_rotations(angles: np.ndarray) -> np.ndarray:
-    """Rotations ``(..., 3, 3)`` by ``angles`` (radians, counter-clockwise) about ẑ."""
-    c, s = np.cos(angles), np.sin(angles)
-    zero, one = np.zeros_like(c), np.ones_like(c)
-    return np.stack(
-        [np.stack([c, -s, zero], -1), np.stack([s, c, zero], -1), np.stack([zero, zero, one], -1)],
-        axis=-2,
-    )
 
 
 def misorientation(a: np.ndarray, b: np.ndarray, symmetry: np.ndarray) -> np.ndarray:
@@ -543,7 +534,7 @@ class Candidates:
 
     def rotations(self, library: OrientationLibrary) -> np.ndarray:
         """``(P, K, 3, 3)`` orientations of the candidates."""
-        return in_plane_rotations(self.angle) @ library.rotations[self.index]
+        return in_plane_rotation(self.angle) @ library.rotations[self.index]
 
 
 def _peak_angles(curves: np.ndarray) -> np.ndarray:
@@ -791,7 +782,7 @@ def match_orientations(
     # Friedel's law makes every zero-order pattern invariant under a half turn about the
     # beam, which is no crystal symmetry for most directions: only excitation errors
     # (intensities) tell U from its half-turned twin, so both are scored.
-    starts = np.concatenate([starts, in_plane_rotations(np.pi) @ starts], axis=1)
+    starts = np.concatenate([starts, in_plane_rotation(np.pi) @ starts], axis=1)
 
     def _distinct(a: np.ndarray, b: np.ndarray) -> bool:
         return bool(misorientation(a, b, library.symmetry) > 2 * settings.angle_step)

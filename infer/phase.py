@@ -267,7 +267,8 @@ def phase_scores(result: PhaseMap, truth: Any, symmetries: Sequence[np.ndarray])
     phase is right: median, 90th percentile, and the median per grain; and the same with
     the half-turn twin about the beam counted as right.
     """
-    from stemforge.infer.orientation import in_plane_rotations, misorientation
+    from stemforge.infer.orientation import misorientation
+    from stemforge.simulate.kinematic import in_plane_rotation
 
     crystalline = truth.phase >= 0
     unindexed = result.phase < 0
@@ -278,7 +279,7 @@ def phase_scores(result: PhaseMap, truth: Any, symmetries: Sequence[np.ndarray])
     twin_error = np.full(truth.phase.shape, np.nan)
     # Friedel's law makes U and U turned half-way about the beam give the same zero-order
     # spots; only excitation errors tell them apart, so both errors are reported.
-    half_turn = in_plane_rotations(np.pi)
+    half_turn = in_plane_rotation(np.pi)
     for index, symmetry in enumerate(symmetries):
         here = right & (truth.phase == index)
         measured = result.orientation[here]

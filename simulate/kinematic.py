@@ -206,7 +206,12 @@ def tilt_rotation(tilt_x: float, tilt_y: float) -> np.ndarray:
     return ry @ rx
 
 
-def in_plane_rotation(angle: float) -> np.ndarray:
-    """Rotation by ``angle`` (radians, counter-clockwise) about the beam (lab z)."""
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+def in_plane_rotation(angle: float | np.ndarray) -> np.ndarray:
+    """Rotation ``(..., 3, 3)`` by ``angle`` (radians, counter-clockwise, any shape) about the
+    beam (lab z)."""
+    c, s = np.cos(angle), np.sin(angle)
+    zero, one = np.zeros_like(c), np.ones_like(c)
+    return np.stack(
+        [np.stack([c, -s, zero], -1), np.stack([s, c, zero], -1), np.stack([zero, zero, one], -1)],
+        axis=-2,
+    )

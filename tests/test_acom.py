@@ -22,7 +22,6 @@ from stemforge.infer.orientation import (
     LibrarySettings,
     beam_rotations,
     build_library,
-    in_plane_rotations,
     laue_rotations,
     match_orientations,
     misorientation,
@@ -30,7 +29,7 @@ from stemforge.infer.orientation import (
     zone_axis_indices,
 )
 from stemforge.infer.phase import map_phases, phase_fractions
-from stemforge.simulate.kinematic import kinematic_spots, tilt_rotation
+from stemforge.simulate.kinematic import in_plane_rotation, kinematic_spots, tilt_rotation
 from stemforge.simulate.orientation import conventional_standard_structure
 
 SETTINGS = LibrarySettings(q_max=1.5, angle_step=2.0)
@@ -57,7 +56,7 @@ def libraries():
 def _orientation(library, uvw, angle, tilt=(0.0, 0.0)) -> np.ndarray:
     beam = np.asarray(uvw, float) @ library.structure.lattice.matrix
     base = beam_rotations((beam / np.linalg.norm(beam))[None])[0]
-    return tilt_rotation(*tilt) @ in_plane_rotations(angle) @ base
+    return tilt_rotation(*tilt) @ in_plane_rotation(angle) @ base
 
 
 def _spot_lists(library, rotations, seed=0, thickness=150.0):
@@ -169,7 +168,7 @@ def test_zone_axis_patterns_give_their_orientation(libraries, zone_axis_truth):
     q, intensity, offsets = _spot_lists(mgo, zone_axis_truth)
     coarse = match_orientations(mgo, q, intensity, offsets, refine=False)
     refined = match_orientations(mgo, q, intensity, offsets)
-    twin = in_plane_rotations(np.full(len(zone_axis_truth), np.pi)) @ zone_axis_truth
+    twin = in_plane_rotation(np.full(len(zone_axis_truth), np.pi)) @ zone_axis_truth
     coarse_error = np.minimum(
         misorientation(zone_axis_truth, coarse.rotation, mgo.symmetry),
         misorientation(twin, coarse.rotation, mgo.symmetry),
@@ -201,7 +200,7 @@ def test_rotating_the_detector_rotates_the_answer(libraries, zone_axis_truth):
     before = match_orientations(mgo, q, intensity, offsets).rotation
     after = match_orientations(mgo, rotated, intensity, offsets).rotation
     assert np.allclose(
-        misorientation(in_plane_rotations(np.full(5, turn)) @ before, after, mgo.symmetry),
+        misorientation(in_plane_rotation(np.full(5, turn)) @ before, after, mgo.symmetry),
         0,
         atol=0.3,
     )
