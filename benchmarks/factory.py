@@ -4,12 +4,12 @@ Naive: for every pattern the whole supercell potential is built by ``abtem.Poten
 0.05 Å sampling (1 Å slices) and ``Probe.multislice`` runs through it. The factory
 (:func:`stemforge.simulate.multislice.simulate_cbed`) plans a coarse grid and one period
 along the beam, then runs either engine: "abtem" (the default; ``abtem.CrystalPotential`` of
-the one-period potential and ``Probe.multislice``) or "fast" (an exact Fourier potential and
-a hand-written FFT loop). All on one CPU thread, Si, 300 kV, q_max = 2 Å⁻¹. The naive box is
-the factory's at one k-sample per detector pixel (``oversampling=1``) with abTEM's aperture
-edge, so the patterns sample the same scattering vectors and the relative L2 measures the
-physics of the recipe; the factory's default (two samples per pixel, intensity edge) is timed
-too. Patterns/min count one thickness per pass (a thickness series costs the deepest one).
+the one-period transmission functions, computed once, and ``Probe.multislice``) or "fast" (an
+exact Fourier potential and a hand-written FFT loop). All on one CPU thread, Si, 300 kV,
+q_max = 2 Å⁻¹. The naive box is the factory's at one k-sample per detector pixel
+(``oversampling=1``) with abTEM's aperture edge, so the patterns sample the same scattering
+vectors and the relative L2 measures the physics of the recipe; the factory's default (two
+samples per pixel, intensity edge) is timed too. Patterns/min count one thickness per pass (a thickness series costs the deepest one).
 Factory timings are the best of ``REPEATS`` after a warm-up on the same grid (FFTW plans are
 made once per grid shape); the naive run is timed once.
 """
@@ -101,7 +101,8 @@ def render(rows: list[dict], command: str) -> str:
         "q_max = 2 Å⁻¹. Naive: abTEM `Potential` of the whole supercell at 0.05 Å (1 Å slices) "
         "and `Probe.multislice` per pattern, timed once. Factory engines on the planned grid "
         "(antialiasing cutoff 4 Å⁻¹ + 2 probe radii, ~2 Å slices, one period built once): "
-        "*abtem* (default) is `abtem.CrystalPotential` of the one-period `abtem.Potential` and "
+        "*abtem* (default) is `abtem.CrystalPotential` of the one-period `abtem.Potential`'s "
+        "band-limited transmission functions (computed once, not in every step) and "
         "`Probe.multislice`; *fast* is the exact Fourier potential with a hand-written FFT "
         "loop (also the fallback for oblique cells). *Matched*: the naive box (one k-sample "
         "per detector pixel) and abTEM's aperture edge, so the relative L2 against naive "

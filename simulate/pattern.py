@@ -8,7 +8,12 @@ from typing import Any
 from stemforge.core.errors import ConfigurationError
 from stemforge.core.units import electron_wavelength
 from stemforge.simulate.labels import KinematicLabels, crystal_metadata
-from stemforge.simulate.multislice import DetectorGrid, simulate_cbed, validate_aberrations
+from stemforge.simulate.multislice import (
+    DetectorGrid,
+    abtem_parametrization,
+    simulate_cbed,
+    validate_aberrations,
+)
 from stemforge.simulate.orientation import (
     MAX_RESIDUAL_STRAIN,
     apply_strain,
@@ -112,8 +117,6 @@ def simulate_patterns(
     list[Sample]
         One per thickness, in the order given.
     """
-    from abtem.parametrizations import validate_parametrization
-
     structure, structure_id = _structure_and_id(structure_record_or_structure)
     conventional = conventional_standard_structure(structure)
     oriented = orient(
@@ -154,7 +157,7 @@ def simulate_patterns(
         atoms,
         oriented.supercell,
         detector,
-        validate_parametrization(parametrization),
+        abtem_parametrization(parametrization),
         phonon_sigma if phonons else None,
     )
     target = labels.target()
