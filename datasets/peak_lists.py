@@ -315,6 +315,7 @@ def augment(
     position_noise: float = 0.003,
     intensity_noise: float = 0.3,
     drop_below: tuple[float, float] = (1e-3, 3e-2),
+    sessions: np.ndarray | None = None,
 ) -> PeakLists:
     """Perturb spot lists as a measurement does (seeded, one draw per pattern).
 
@@ -332,14 +333,21 @@ def augment(
     drop_below
         Spots weaker than a fraction drawn log-uniformly from this range of the pattern's
         strongest are lost (the detection threshold).
+    sessions
+        ``(N,)`` labels of the patterns recorded in one session: they share one calibration
+        error and one elliptical distortion (same camera length, same detector axes), while
+        the crystal's in-plane rotation still differs per pattern. None: every pattern its
+        own session.
     """
     rng = np.random.default_rng(seed)
     n = len(lists)
     counts = np.diff(lists.offsets)
     owner = np.repeat(np.arange(n), counts)
-    s = 1 + rng.uniform(-scale, scale, n)
-    e = rng.uniform(-ellipticity, ellipticity, n)
-    axis = rng.uniform(0, np.pi, n)
+    session = np.arange(n) if sessions is None else np.unique(sessions, return_inverse=True)[1]
+    n_sessions = int(session.max()) + 1 if n else 0
+    s = 1 + rng.uniform(-scale, scale, n_sessions)[session]
+    e = rng.uniform(-ellipticity, ellipticity, n_sessions)[session]
+    axis = rng.uniform(0, np.pi, n_sessions)[session]
     c, si = np.cos(axis)[owner], np.sin(axis)[owner]
     q = lists.q.astype(float)
     along = q[:, 0] * c + q[:, 1] * si

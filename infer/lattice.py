@@ -485,6 +485,49 @@ def _best_pair(vecs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
     return a[best], b[best]
 
 
+def fit_net(vectors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reduced basis of the 2D lattice through one pattern's spots, fitted to all of them.
+
+    The smallest cell indexing ≥ 90 % of the weight of the shortest spots (:func:`choose_basis`
+    step 2), then weighted least-squares fits ``spot = g0 + h·g1 + k·g2`` through the indexed
+    spots, first the short ones, then all: a basis read off two noisy spots is off by their
+    position error, which grows with the index and would mis-index the far spots, while the
+    fitted basis carries the precision of every spot.
+
+    Parameters
+    ----------
+    vectors
+        ``(M, 2)`` spot positions relative to the origin (any units), direct beam removed.
+    weights
+        ``(M,)`` positive spot weights.
+
+    Returns
+    -------
+    g1, g2
+        Lagrange–Gauss reduced basis (:func:`reduce_basis`).
+
+    Raises
+    ------
+    InvalidDataError
+        The spots do not form one 2D lattice.
+    """
+    vectors = np.asarray(vectors, np.float64).reshape(-1, 2)
+    weights = np.asarray(weights, np.float64).reshape(-1)
+    short = np.argsort(np.hypot(vectors[:, 0], vectors[:, 1]))[: 2 * _N_BASIS_SPOTS]
+    a, b = reduce_basis(*_best_pair(vectors[short], weights[short]))
+    for subset in (short, np.arange(len(vectors))):
+        v = vectors[subset]
+        idx = index_peaks(
+            v[:, 0], v[:, 1], a, b, max_error=_SPOT_TOLERANCE * min(np.hypot(*a), np.hypot(*b))
+        )
+        solution, _, solvable = _weighted_lattice_lsq(
+            np.zeros(len(v), np.int64), 1, idx.h, idx.k, *v.T, weights[subset] * idx.indexed
+        )
+        if solvable[0]:
+            a, b = solution[0, 1], solution[0, 2]
+    return reduce_basis(a, b)
+
+
 def choose_basis(
     peaks: BraggPeaks,
     calibration: Calibration | None = None,

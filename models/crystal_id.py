@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +87,17 @@ class PatternPredictions:
     spacings
         ``(N, M)`` measured |g| (Å⁻¹) of strong reflections of each pattern (0: none), for
         :func:`~stemforge.models.lattice_refinement.refine_lattice`; None: not available.
+    nets
+        ``(N, 3)`` metric of each pattern's 2D net (NaN: none), for
+        :func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`; None: not
+        available.
     """
 
     system_probability: np.ndarray
     group_probability: np.ndarray
     lattice: np.ndarray
     spacings: np.ndarray | None = None
+    nets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.system_probability)
@@ -104,7 +109,16 @@ class PatternPredictions:
             self.group_probability[rows],
             self.lattice[rows],
             None if self.spacings is None else self.spacings[rows],
+            None if self.nets is None else self.nets[rows],
         )
+
+    def with_nets(
+        self, q: np.ndarray, intensity: np.ndarray, offsets: np.ndarray
+    ) -> PatternPredictions:
+        """These predictions with the nets of the patterns' CSR peak lists."""
+        from stemforge.models.lattice_reconstruction import pattern_nets
+
+        return replace(self, nets=pattern_nets(q, intensity, offsets))
 
     @property
     def crystal_system(self) -> np.ndarray:
@@ -137,10 +151,14 @@ class Aggregate:
     system_probability: np.ndarray
     group_probability: np.ndarray
     n_patterns: int
+    bravais_lattice: str | None = None
+    n_indexed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (lattice as a b c alpha beta gamma)."""
         return {
+            "bravais_lattice": self.bravais_lattice,
+            "patterns_indexed": int(self.n_indexed),
             "crystal_system": self.crystal_system,
             "space_group": int(self.space_group),
             "lattice": dict(
@@ -167,21 +185,41 @@ def _posterior(log_sum: np.ndarray) -> np.ndarray:
 def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR) -> Aggregate:
     """Combine patterns by summed log-probabilities (see the module notes).
 
-    The space group is chosen among the winning system's groups. The lattice is the median
-    of the patterns' predictions under the winning system, refined against the patterns'
-    measured spacings where the system allows
+    Where the patterns' nets fix a 3D lattice
+    (:func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`: several zone
+    axes), its Bravais lattice weighs the systems
+    (:meth:`~stemforge.models.lattice_reconstruction.LatticeSymmetry.log_prior`), its
+    centring restricts the space groups, and the lattice parameters are its conventional
+    cell. Otherwise the space group is chosen among the winning system's groups and the
+    lattice is the median of the patterns' predictions under the winning system, refined
+    against the patterns' measured spacings where the system allows
     (:func:`~stemforge.models.lattice_refinement.refine_lattice`).
     """
+    from stemforge.models.lattice_reconstruction import (
+        lattice_symmetry,
+        reconstruct_lattice,
+        space_group_centrings,
+    )
     from stemforge.models.lattice_refinement import refine_lattice
 
     if len(predictions) == 0:
         raise InvalidDataError("no patterns to aggregate", "pass at least one pattern with peaks")
     system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
+    reconstruction = symmetry = None
+    if predictions.nets is not None:
+        reconstruction = reconstruct_lattice(predictions.nets)
+    if reconstruction is not None:
+        symmetry = lattice_symmetry(reconstruction)
+        system_log = system_log + symmetry.log_prior()
     system_post = _posterior(system_log)
     best = int(np.argmax(system_log))
     ranked = np.sort(system_log)
     margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
     groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))
+    if symmetry is not None and CRYSTAL_SYSTEMS[best] in symmetry.systems:
+        centrings = space_group_centrings()
+        same = [centrings[g - 1] == symmetry.centring for g in groups]
+        groups = groups[same] if any(same) else groups
     conditional = predictions.group_probability[:, groups - 1] / np.maximum(
         predictions.system_probability[:, [best]], 1e-12
     )
@@ -189,19 +227,27 @@ def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR)
     group_post = np.zeros(230)
     group_post[groups - 1] = _posterior(group_log)
     system = CRYSTAL_SYSTEMS[best]
-    free = np.median(predictions.lattice[:, best, list(FREE_LATTICE_PARAMETERS[system])], axis=0)
-    if predictions.spacings is not None:
-        lengths = [i for i, p in enumerate(FREE_LATTICE_PARAMETERS[system]) if p < 3]
-        free[lengths] = refine_lattice(system, free[lengths], predictions.spacings)
+    if symmetry is not None:
+        lattice = symmetry.parameters(system)
+    else:
+        free = np.median(
+            predictions.lattice[:, best, list(FREE_LATTICE_PARAMETERS[system])], axis=0
+        )
+        if predictions.spacings is not None:
+            lengths = [i for i, p in enumerate(FREE_LATTICE_PARAMETERS[system]) if p < 3]
+            free[lengths] = refine_lattice(system, free[lengths], predictions.spacings)
+        lattice = complete_lattice(system, free)[0]
     return Aggregate(
         crystal_system=system,
         space_group=int(groups[np.argmax(group_log)]),
-        lattice=complete_lattice(system, free)[0],
+        lattice=lattice,
         confidence=float(system_post[best]),
         margin=margin,
         system_probability=system_post,
         group_probability=group_post,
         n_patterns=len(predictions),
+        bravais_lattice=None if symmetry is None else symmetry.bravais,
+        n_indexed=0 if reconstruction is None else int(reconstruction.explained.sum()),
     )
 
 
@@ -323,8 +369,8 @@ class CrystalIdentifier:
     def predict_peaks(
         self, q: np.ndarray, intensity: np.ndarray, offsets: np.ndarray
     ) -> PatternPredictions:
-        """Predictions straight from CSR peak lists (see :class:`PeakFeatures`)."""
-        return self.predict(self.features(q, intensity, offsets))
+        """Predictions straight from CSR peak lists (see :class:`PeakFeatures`), with nets."""
+        return self.predict(self.features(q, intensity, offsets)).with_nets(q, intensity, offsets)
 
     # ---- persistence --------------------------------------------------------------------------
 

@@ -353,4 +353,5 @@ class PeakSetNet(nn.Module):
             ]
         finally:
             self.train(was_training)
-        return self.predictions({key: torch.cat([c[key] for c in chunks]) for key in chunks[0]})
+        outputs = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+        return self.predictions(outputs).with_nets(q, intensity, offsets)
