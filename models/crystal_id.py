@@ -182,7 +182,12 @@ def _posterior(log_sum: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR) -> Aggregate:
+def aggregate(
+    predictions: PatternPredictions,
+    floor: float = PROBABILITY_FLOOR,
+    *,
+    scale_error: float | None = None,
+) -> Aggregate:
     """Combine patterns by summed log-probabilities (see the module notes).
 
     Where the patterns' nets fix a 3D lattice
@@ -193,9 +198,12 @@ def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR)
     cell. Otherwise the space group is chosen among the winning system's groups and the
     lattice is the median of the patterns' predictions under the winning system, refined
     against the patterns' measured spacings where the system allows
-    (:func:`~stemforge.models.lattice_refinement.refine_lattice`).
+    (:func:`~stemforge.models.lattice_refinement.refine_lattice`). ``scale_error``: the
+    calibration difference between patterns the reconstruction allows (default: patterns of
+    one session, :data:`~stemforge.models.lattice_reconstruction.SCALE_ERROR`).
     """
     from stemforge.models.lattice_reconstruction import (
+        SCALE_ERROR,
         lattice_symmetry,
         reconstruct_lattice,
         space_group_centrings,
@@ -207,7 +215,9 @@ def aggregate(predictions: PatternPredictions, floor: float = PROBABILITY_FLOOR)
     system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
     reconstruction = symmetry = None
     if predictions.nets is not None:
-        reconstruction = reconstruct_lattice(predictions.nets)
+        reconstruction = reconstruct_lattice(
+            predictions.nets, scale_error=SCALE_ERROR if scale_error is None else scale_error
+        )
     if reconstruction is not None:
         symmetry = lattice_symmetry(reconstruction)
         system_log = system_log + symmetry.log_prior()

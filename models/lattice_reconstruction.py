@@ -29,10 +29,15 @@ import numpy as np
 
 from stemforge.core.errors import ConfigurationError, InvalidDataError
 
-#: Short vectors of a reduced net, in its basis: g1, g2, g1 + g2, g1 − g2.
-NET_VECTORS = np.array([[1, 0], [0, 1], [1, 1], [1, -1]])
+#: Short vectors of a reduced net, in its basis (one of ±v).
+NET_VECTORS = np.array([[1, 0], [0, 1], [1, 1], [1, -1], [2, 1], [1, 2], [2, -1], [1, -2]])
 #: Pairs of NET_VECTORS that are bases of the net (determinant ±1).
-NET_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3))
+NET_PAIRS = tuple(
+    (i, j)
+    for i in range(len(NET_VECTORS))
+    for j in range(i + 1, len(NET_VECTORS))
+    if abs(NET_VECTORS[i, 0] * NET_VECTORS[j, 1] - NET_VECTORS[i, 1] * NET_VECTORS[j, 0]) == 1
+)
 #: Spots beyond this |q| (Å⁻¹) do not enter a net: at 300 kV the first-order Laue ring lies
 #: beyond it for periods along the beam below ~100 Å (~50 Å at 80 kV).
 NET_REACH = 1.0
@@ -40,8 +45,10 @@ NET_REACH = 1.0
 TOLERANCE = 0.012
 #: Largest angle misfit (rad) between a net and a pair of lattice vectors.
 ANGLE_TOLERANCE = np.radians(1.5)
-#: Default calibration uncertainty of each pattern (fraction of its scale).
-SCALE_ERROR = 0.03
+#: Default calibration difference between patterns (fraction of the scale): patterns of one
+#: session share the camera length, and refocusing between zone axes changes it by well under
+#: 1 %. Patterns recorded with independent calibrations need a few percent.
+SCALE_ERROR = 0.005
 #: Miller indices (in the reduced basis) searched for a pattern's net vectors.
 MAX_INDEX = 3
 #: Candidate lattices scored at most (distinct metrics, in enumeration order).
@@ -460,7 +467,7 @@ def reconstruct_lattice(
     nets
         ``(P, 2, 2)`` nets from :func:`pattern_nets`, detector frame (NaN: no net, ignored).
     scale_error
-        Calibration uncertainty of each pattern (fraction); 0 when all share one exactly.
+        Calibration difference between patterns (fraction); 0 when all share one exactly.
     tolerance
         Relative precision of a net's lengths.
     shared_distortion
