@@ -97,7 +97,9 @@ def main() -> None:
 
     n_structures = len(aggregated)
     lines = [
-        f"Measured by `python benchmarks/identify_accuracy.py --model {options.model} --per-system {options.per_system}` "
+        f"Measured by `python benchmarks/identify_accuracy.py --model {options.model} --per-system {options.per_system}"
+        + (f" --multislice {options.multislice}" if options.multislice else "")
+        + "` "
         f"on {platform.machine()}, Python {platform.python_version()}, {time.perf_counter() - start:.0f} s. "
         f"Test set: {n_structures} pyxtal random crystals of seed {options.seed} (no training set uses it), "
         f"{len(measured)} patterns: each crystal along its 10 lowest-index zone axes, one of 50/100/200 Å per axis, "

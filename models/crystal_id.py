@@ -193,7 +193,7 @@ def aggregate(
     Where the patterns' nets fix a 3D lattice
     (:func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`: several zone
     axes), its Bravais lattice weighs the systems
-    (:meth:`~stemforge.models.lattice_reconstruction.LatticeSymmetry.log_prior`), its
+    (:func:`~stemforge.models.lattice_reconstruction.system_log_prior`), its
     centring restricts the space groups, and the lattice parameters are its conventional
     cell. Otherwise the space group is chosen among the winning system's groups and the
     lattice is the median of the patterns' predictions under the winning system, refined
@@ -204,9 +204,11 @@ def aggregate(
     """
     from stemforge.models.lattice_reconstruction import (
         SCALE_ERROR,
+        SYMMETRY_TOLERANCES,
         lattice_symmetry,
         reconstruct_lattice,
         space_group_centrings,
+        system_log_prior,
     )
     from stemforge.models.lattice_refinement import refine_lattice
 
@@ -219,10 +221,13 @@ def aggregate(
             predictions.nets, scale_error=SCALE_ERROR if scale_error is None else scale_error
         )
     if reconstruction is not None:
-        symmetry = lattice_symmetry(reconstruction)
-        system_log = system_log + symmetry.log_prior()
+        readings = [lattice_symmetry(reconstruction, t) for t in SYMMETRY_TOLERANCES]
+        system_log = system_log + system_log_prior(readings)
     system_post = _posterior(system_log)
     best = int(np.argmax(system_log))
+    if reconstruction is not None:
+        # The strictest reading that allows the winner gives centring and cell.
+        symmetry = next((r for r in readings if CRYSTAL_SYSTEMS[best] in r.systems), readings[0])
     ranked = np.sort(system_log)
     margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
     groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))

@@ -6,13 +6,16 @@ import pytest
 from stemforge.datasets.peak_lists import augment, kinematic_peak_lists
 from stemforge.models.crystal_id import PatternPredictions, aggregate
 from stemforge.models.lattice_reconstruction import (
+    LatticeSymmetry,
     lattice_symmetry,
     pattern_nets,
     reconstruct_lattice,
     reduce_bases,
     space_group_centrings,
+    system_log_prior,
 )
 from stemforge.simulate.structures import get_structure
+from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
 
 # (id, Bravais lattice, conventional a, c (Å))
 CASES = [
@@ -108,3 +111,13 @@ def test_the_lattice_overrides_an_unsure_model_in_the_aggregate():
     assert space_group_centrings()[result.space_group - 1] == "F"
     assert result.lattice[0] == pytest.approx(3.6149, rel=1e-3)
     assert result.to_dict()["bravais_lattice"] == "cF"
+
+
+def test_system_prior_from_strict_and_loose_readings():
+    strict = LatticeSymmetry("mP", ("monoclinic",), "P", np.eye(3))
+    loose = LatticeSymmetry("cP", ("cubic",), "P", np.eye(3))
+    prior = dict(zip(CRYSTAL_SYSTEMS, system_log_prior([strict, loose], 5.0, 3.0), strict=True))
+    assert prior["monoclinic"] == 0 and prior["triclinic"] == -5  # lower than the lattice
+    assert prior["cubic"] == -3  # only the loose reading allows it
+    assert prior["tetragonal"] == -8 and prior["orthorhombic"] == -8  # below the loose one
+    assert prior["hexagonal"] == -np.inf  # no reading allows a hexagonal lattice
