@@ -343,7 +343,9 @@ def _write_calibration(file: str, calibration, out: str | None) -> Path:  # noqa
 @click.option("--out", "out_dir", default="demo_out", show_default=True, help="Folder for the outputs.")
 @scan_shape_option
 def demo(input_file: str, out_dir: str, scan_shape: str | None) -> None:
-    """Open a datacube, calibrate its origin, and write virtual images and a summary."""
+    """The end-to-end example: calibrate a datacube and image it; simulate a 40 nm strained
+    Si/SiGe multilayer and map its strain from correlation and FCU-Net disks against the
+    truth; map the phases of a simulated two-phase scan; write summary.json and report.html."""
     from stemforge.infer.demo import run_demo
 
     for path in run_demo(input_file, out_dir, scan_shape=_scan_shape(scan_shape)):
