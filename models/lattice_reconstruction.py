@@ -10,7 +10,10 @@ whole reciprocal metric tensor ``G* = [[x·x, x·y, x·z], [x·y, y·y, y·z], [
 up to one common sign, tried both ways).
 
 :func:`reconstruct_lattice` enumerates such triples among the short vectors of every net
-(``g1, g2, g1 ± g2``), scores each candidate lattice by the patterns it explains (it holds
+(``g1, g2, g1 ± g2`` and the next four), adds the lattices that two nets sharing ``x`` make
+with a vector length seen in any net (``|i·x + j·y + z|`` fixes ``y·z`` where no third net
+shows a pair), ranked by how many of their short rows have lengths the nets show, scores
+each candidate lattice by the patterns it explains (it holds
 two vectors with the pattern's metric, within the pattern's calibration error), keeps the
 coarsest of the best (a finer lattice explains all a coarser one does: the parsimony rule of
 powder indexing), and refines ``G*`` by least squares over every explained pattern with each
@@ -52,7 +55,7 @@ SCALE_ERROR = 0.005
 #: Miller indices (in the reduced basis) searched for a pattern's net vectors.
 MAX_INDEX = 3
 #: Candidate lattices scored at most (distinct metrics, in enumeration order).
-MAX_HYPOTHESES = 600
+MAX_HYPOTHESES = 1200
 #: Distinct nets that generate candidate lattices (most frequent first).
 MAX_GENERATING_NETS = 16
 #: Metric tolerances of the symmetry search, fraction of the cell's edge (cube root of V):
@@ -264,7 +267,10 @@ def _candidate_metrics(nets: np.ndarray, window: float, tight: float) -> np.ndar
                 )
             )
     e = np.concatenate(entries)
+    short = np.repeat([max(pair) < 4 for pair in NET_PAIRS for _ in range(2)], p)
     l1, l2, dot = 0.5 * np.log(e[:, 1]), 0.5 * np.log(e[:, 2]), e[:, 3]
+    lengths = np.einsum("vi,pij,vj->pv", NET_VECTORS, m, NET_VECTORS)
+    pool = np.unique(0.5 * np.log(lengths[lengths > 0]))  # every net's short vectors
     # e1 = (x, y) in P; e2 = (x', z) in Q with |x'| ~ |x|; e3 = (y', z') in R with |y'| ~ |y|
     # and |z'| / |y'| = |z| / |y| (a ratio within one pattern: free of calibration). P, Q
     # and R need not differ: the zone axes of a set are symmetry-distinct, so the sections
@@ -281,27 +287,64 @@ def _candidate_metrics(nets: np.ndarray, window: float, tight: float) -> np.ndar
         i, j = np.nonzero(ok)
         triples.append(np.stack([np.full(len(i), first), second[i], third[j]], 1))
     e1, e2, e3 = np.concatenate(triples).T
-    if not len(e1):
-        return np.zeros((0, 3, 3))
     z = l2[e2] + l1[e1] - l1[e2]
     s_q = np.exp(2 * (l1[e1] - l1[e2]))
     s_r = np.exp((l2[e1] - l1[e3]) + (z - l2[e3]))  # squared scale, two estimates
     xx, yy, zz = np.exp(2 * l1[e1]), np.exp(2 * l2[e1]), np.exp(2 * z)
     xy, xz, yz = dot[e1], dot[e2] * s_q, dot[e3] * s_r
-    out = []
-    for sign in (1.0, -1.0):
-        g = np.stack(
-            [
-                np.stack([xx, xy, xz], 1),
-                np.stack([xy, yy, sign * yz], 1),
-                np.stack([xz, sign * yz, zz], 1),
-            ],
-            1,
-        )
-        out.append(g)
-    g = np.concatenate(out)
-    volume = np.linalg.det(g) / (g[:, 0, 0] * g[:, 1, 1] * g[:, 2, 2])
-    return g[volume > MIN_VOLUME_FACTOR]
+    from_triples = _valid(np.concatenate([_metrics(xx, yy, zz, xy, xz, s * yz) for s in (1, -1)]))
+    # Two nets sharing x leave y·z open; a third plane whose net shows no pair (y', z') may
+    # still show a vector i·x + j·y + z, whose length fixes y·z. Ranked by how many of
+    # their short rows have lengths the nets show, after the triples.
+    first, second = np.nonzero(m12 & short[:, None] & short[None, :])
+    z = l2[second] + l1[first] - l1[second]
+    xx, yy, zz = np.exp(2 * l1[first]), np.exp(2 * l2[first]), np.exp(2 * z)
+    xy, xz = dot[first], dot[second] * np.exp(2 * (l1[first] - l1[second]))
+    from_lengths = []
+    for i in (-1, 0, 1):
+        for j in (-1, 1):
+            rest = (i * i * xx + yy + zz + 2 * i * j * xy + 2 * i * xz)[:, None]
+            yz = (np.exp(2 * pool)[None, :] - rest) / (2 * j)
+            row, col = np.nonzero(np.abs(yz) < np.sqrt(yy * zz)[:, None])
+            from_lengths.append(_metrics(xx[row], yy[row], zz[row], xy[row], xz[row], yz[row, col]))
+    g = _valid(np.concatenate(from_lengths))
+    g = g[np.argsort(-_pool_matches(g, pool, tight), kind="stable")]
+    return np.concatenate([from_triples, g])
+
+
+def _valid(metrics: np.ndarray) -> np.ndarray:
+    """The metrics that span three dimensions (see MIN_VOLUME_FACTOR)."""
+    diagonal = metrics[:, 0, 0] * metrics[:, 1, 1] * metrics[:, 2, 2]
+    return metrics[np.linalg.det(metrics) > MIN_VOLUME_FACTOR * diagonal]
+
+
+#: Rows i·x + j·y + k·z (one of ±) whose lengths rank the candidate lattices.
+_ROWS = (
+    np.array(
+        [
+            c
+            for c in np.ndindex(3, 3, 3)
+            if (np.array(c) - 1).any() and next(v for v in c if v != 1) > 1
+        ]
+    )
+    - 1
+)
+
+
+def _pool_matches(metrics: np.ndarray, pool: np.ndarray, tight: float) -> np.ndarray:
+    """How many of a lattice's 13 shortest-index rows have a length some net shows."""
+    log_length = 0.5 * np.log(np.maximum(np.einsum("ri,tij,rj->tr", _ROWS, metrics, _ROWS), 1e-30))
+    pool = np.concatenate([[-np.inf], pool, [np.inf]])
+    at = np.searchsorted(pool, log_length)
+    nearest = np.minimum(pool[at] - log_length, log_length - pool[at - 1])
+    return np.sum(nearest < tight, axis=1)
+
+
+def _metrics(xx, yy, zz, xy, xz, yz) -> np.ndarray:
+    """``(T, 3, 3)`` metric tensors from their six entries."""
+    return np.stack(
+        [np.stack([xx, xy, xz], 1), np.stack([xy, yy, yz], 1), np.stack([xz, yz, zz], 1)], 1
+    )
 
 
 def _distinct_nets(
@@ -331,7 +374,7 @@ def _distinct_nets(
 
 def _distinct_reduced(metrics: np.ndarray, limit: int) -> np.ndarray:
     """Reduced bases ``(T', 3, 3)`` of the distinct lattices among candidate metrics."""
-    basis = reduce_bases(np.linalg.cholesky(metrics))
+    basis = reduce_bases(np.linalg.cholesky(metrics[: 30 * limit]))
     gram = np.einsum("tik,tjk->tij", basis, basis)
     length = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
     cosine = gram[:, [0, 0, 1], [1, 2, 2]] / (length[:, [0, 0, 1]] * length[:, [1, 2, 2]])
@@ -573,13 +616,17 @@ def lattice_symmetry(
     from stemforge.simulate.labels import quiet_spglib
     from stemforge.simulate.structures.record import crystal_system_of
 
-    basis = reconstruction.direct_basis
-    edge = abs(np.linalg.det(basis)) ** (1 / 3)
+    basis = reduce_bases(reconstruction.direct_basis[None])[0]
     cell = (basis, [[0.0, 0.0, 0.0]], [1])
-    with quiet_spglib():
-        dataset = spglib.get_symmetry_dataset(cell, symprec=tolerance * edge)
-    if dataset is None:  # pragma: no cover - spglib finds at least the inversion of a lattice
-        raise InvalidDataError("spglib found no symmetry for the reconstructed lattice")
+    # The edge sets the scale; for a flat cell spglib fails once the tolerance nears its
+    # shortest vector, which then caps it.
+    for edge in (abs(np.linalg.det(basis)) ** (1 / 3), np.linalg.norm(basis, axis=1).min()):
+        with quiet_spglib():
+            dataset = spglib.get_symmetry_dataset(cell, symprec=tolerance * edge)
+        if dataset is not None:
+            break
+    else:  # no reading at this tolerance: the lattice's own inversion only
+        return LatticeSymmetry("aP", ("triclinic",), "P", basis)
     number = int(dataset.number)
     system = crystal_system_of(number)
     centring = space_group_centrings()[number - 1]
