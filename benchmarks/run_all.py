@@ -83,6 +83,9 @@ BENCHMARKS = {
     "fcunet": Benchmark(
         "fcunet_accuracy.py", "FCU-Net vs correlation accuracy", ("fcunet",), long=True
     ),
+    "fcunet-strain": Benchmark(
+        "fcunet_strain.py", "FCU-Net vs correlation strain RMSE at 40 nm", ("fcunet-strain",)
+    ),
     "identify": Benchmark(
         "identify_accuracy.py",
         "crystal identification accuracy vs the published random forest",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,13 @@ def strain_scores(strain: Any, truth: dict[str, np.ndarray], names: list[str]) -
     }
 
 
-def run_strain_demo(out_dir: Path) -> tuple[list[Path], dict, list[Path]]:
+def run_strain_demo(
+    out_dir: Path, overrides: Sequence[str] = STRAIN_OVERRIDES
+) -> tuple[list[Path], dict, list[Path]]:
     """Simulate the thick multilayer, map its strain by correlation and by FCU-Net.
+
+    ``overrides`` of the factory's ``sige_strain_scan`` preset (default: the demo's
+    40 nm, 24×10 scan; ``benchmarks/fcunet_strain.py`` runs the whole preset).
 
     Returns
     -------
@@ -106,7 +112,7 @@ def run_strain_demo(out_dir: Path) -> tuple[list[Path], dict, list[Path]]:
     from stemforge.models.zoo.registry import resolve
 
     folder = out_dir / "strained_sample"
-    config = compose_config("sige_strain_scan", [f"out={folder}", *STRAIN_OVERRIDES])
+    config = compose_config("sige_strain_scan", [f"out={folder}", *overrides])
     run_factory(config)
     cube = read_datacube(folder / SCAN_FILE)
     probe = np.load(folder / PROBE_FILE)
@@ -151,16 +157,17 @@ def run_strain_demo(out_dir: Path) -> tuple[list[Path], dict, list[Path]]:
             name: getattr(result.strain, name) for name in ("e_xx", "e_yy", "e_xy", "theta")
         }
     micro = config.microscope
+    thickness = float(config.thickness.max)
     layers = " / ".join(names[1:]) if len(names) > 1 else "SiGe"
     summary: dict[str, Any] = {
         "datacube": "×".join(map(str, cube.shape)),
         "sample": (
             f"Si/SiGe multilayer ({layers} layers, pseudomorphic) on a Si substrate, "
-            f"zone axis {list(config.zone_axis)}, {STRAIN_THICKNESS / 10:g} nm thick, "
+            f"zone axis {list(config.zone_axis)}, {thickness / 10:g} nm thick, "
             f"{float(micro.energy) / 1e3:g} kV, {float(micro.semiangle):g} mrad, "
             f"scan step {float(config.scan_step):g} Å, abTEM multislice, noise-free"
         ),
-        "thickness (nm)": STRAIN_THICKNESS / 10,
+        "thickness (nm)": thickness / 10,
         "reference lattice": f"median of the Si substrate, scan rows {rows[0]}–{rows[1] - 1}",
         **scores["correlation"],
         "FCU-Net": {"model": f"{model.name}@{model.version}", **scores["FCU-Net"]},

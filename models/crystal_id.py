@@ -88,9 +88,13 @@ class PatternPredictions:
         ``(N, M)`` measured |g| (Å⁻¹) of strong reflections of each pattern (0: none), for
         :func:`~stemforge.models.lattice_refinement.refine_lattice`; None: not available.
     nets
-        ``(N, 3)`` metric of each pattern's 2D net (NaN: none), for
+        ``(N, 2, 2)`` each pattern's 2D net ``g1, g2`` (Å⁻¹, detector frame; NaN: none), for
         :func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`; None: not
         available.
+    reflections
+        ``(N, K, 3)`` each pattern's spots indexed in its net, rows ``m, n, I`` (NaN padded;
+        :func:`~stemforge.models.laue_symmetry.net_reflections`), for the intensity symmetry
+        test of the aggregate; None: not available.
     """
 
     system_probability: np.ndarray
@@ -98,6 +102,7 @@ class PatternPredictions:
     lattice: np.ndarray
     spacings: np.ndarray | None = None
     nets: np.ndarray | None = None
+    reflections: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.system_probability)
@@ -110,15 +115,23 @@ class PatternPredictions:
             self.lattice[rows],
             None if self.spacings is None else self.spacings[rows],
             None if self.nets is None else self.nets[rows],
+            None if self.reflections is None else self.reflections[rows],
         )
 
     def with_nets(
         self, q: np.ndarray, intensity: np.ndarray, offsets: np.ndarray
     ) -> PatternPredictions:
-        """These predictions with the nets of the patterns' CSR peak lists."""
-        from stemforge.models.lattice_reconstruction import pattern_nets
+        """These predictions with the nets of the patterns' CSR peak lists and their spots
+        indexed in them."""
+        from stemforge.infer.lattice import DIRECT_BEAM_REACH
+        from stemforge.models.lattice_reconstruction import NET_REACH, pattern_nets
+        from stemforge.models.laue_symmetry import net_reflections
 
-        return replace(self, nets=pattern_nets(q, intensity, offsets))
+        nets = pattern_nets(q, intensity, offsets)
+        reflections = net_reflections(
+            q, intensity, offsets, nets, reach=NET_REACH, inner=DIRECT_BEAM_REACH
+        )
+        return replace(self, nets=nets, reflections=reflections)
 
     @property
     def crystal_system(self) -> np.ndarray:
@@ -193,8 +206,11 @@ def aggregate(
     Where the patterns' nets fix a 3D lattice
     (:func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`: several zone
     axes), its Bravais lattice weighs the systems
-    (:func:`~stemforge.models.lattice_reconstruction.system_log_prior`), its
-    centring restricts the space groups, and the lattice parameters are its conventional
+    (:func:`~stemforge.models.lattice_reconstruction.system_log_prior`), so do the rotations
+    of it that the patterns' intensities obey
+    (:func:`~stemforge.models.laue_symmetry.laue_evidence`: hexagonal against trigonal on
+    hP above all), its centring and the intensities' Laue class weigh the space groups, and
+    the lattice parameters are its conventional
     cell. Otherwise the space group is chosen among the winning system's groups and the
     lattice is the median of the patterns' predictions under the winning system, refined
     against the patterns' measured spacings where the system allows
@@ -211,11 +227,18 @@ def aggregate(
         system_log_prior,
     )
     from stemforge.models.lattice_refinement import refine_lattice
+    from stemforge.models.laue_symmetry import (
+        EVIDENCE_WEIGHT,
+        laue_evidence,
+        laue_rotation_count,
+        system_evidence,
+    )
 
     if len(predictions) == 0:
         raise InvalidDataError("no patterns to aggregate", "pass at least one pattern with peaks")
     system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
     reconstruction = symmetry = None
+    laue: dict[tuple[str, int], float] = {}
     if predictions.nets is not None:
         reconstruction = reconstruct_lattice(
             predictions.nets, scale_error=SCALE_ERROR if scale_error is None else scale_error
@@ -223,6 +246,14 @@ def aggregate(
     if reconstruction is not None:
         readings = [lattice_symmetry(reconstruction, t) for t in SYMMETRY_TOLERANCES]
         system_log = system_log + system_log_prior(readings)
+        if predictions.reflections is not None:
+            laue = laue_evidence(
+                reconstruction.metric,
+                predictions.nets,
+                predictions.reflections,
+                reconstruction.indices,
+            )
+            system_log = system_log + EVIDENCE_WEIGHT * np.nan_to_num(system_evidence(laue))
     system_post = _posterior(system_log)
     best = int(np.argmax(system_log))
     if reconstruction is not None:
@@ -239,6 +270,10 @@ def aggregate(
         predictions.system_probability[:, [best]], 1e-12
     )
     group_log = np.log(np.maximum(conditional, floor)).sum(axis=0)
+    # The intensities' Laue class within the system (e.g. 4/m against 4/mmm).
+    classes = [laue.get((CRYSTAL_SYSTEMS[best], laue_rotation_count(g))) for g in groups]
+    if classes and None not in classes:
+        group_log = group_log + EVIDENCE_WEIGHT * np.array(classes)
     group_post = np.zeros(230)
     group_post[groups - 1] = _posterior(group_log)
     system = CRYSTAL_SYSTEMS[best]
