@@ -108,8 +108,10 @@ def main() -> None:
         "threshold 0.1–3 % of the strongest spot); the ten patterns of a crystal are one session: they share "
         "the calibration error and the ellipticity (axis fixed on the detector, crystal rotated per pattern). "
         "Aggregation: summed log-probabilities over the 10 patterns, weighted by the Bravais lattice "
-        "reconstructed from the patterns' 2D nets (`models/lattice_reconstruction.py`), whose centring "
-        "restricts the space groups and whose cell gives the lattice. Lattice: median |error| of the "
+        "reconstructed from the patterns' 2D nets (`models/lattice_reconstruction.py`, at least 5 "
+        "distinct nets) and by the lattice rotations the intensities obey (`models/laue_symmetry.py`: "
+        "Laue class, e.g. hexagonal vs trigonal on hP); the centring and the Laue class weigh the "
+        "space groups, the cell gives the lattice. Lattice: median |error| of the "
         "aggregated a, b, c (free lengths of the system) where the system is right; its floor is the "
         "session's calibration error (median 1.5 % at ±3 %).",
         "",
