@@ -68,7 +68,8 @@ def net_reflections(
     inner: float,
     max_reflections: int = MAX_REFLECTIONS,
 ) -> np.ndarray:
-    """Each pattern's spots indexed in its net: ``(N, K, 3)`` rows ``m, n, I`` (NaN padded).
+    """Each pattern's spots indexed in its net: ``(N, K, 3)`` rows ``m, n, I`` (NaN padded;
+    float32: a 256×256 scan holds 50 MB of them).
 
     Spots with ``inner < |q| < reach`` that lie within :data:`INDEX_TOLERANCE` of a node
     ``m·g1 + n·g2`` of the pattern's net, the ``max_reflections`` strongest.
@@ -76,7 +77,7 @@ def net_reflections(
     q = np.asarray(q, float).reshape(-1, 2)
     intensity = np.asarray(intensity, float)
     offsets = np.asarray(offsets, np.int64)
-    out = np.full((len(offsets) - 1, max_reflections, 3), np.nan)
+    out = np.full((len(offsets) - 1, max_reflections, 3), np.nan, np.float32)
     for i, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
         basis = nets[i]
         if not np.isfinite(basis).all():
