@@ -218,7 +218,10 @@ def aggregate(
     calibration difference between patterns the reconstruction allows (default: patterns of
     one session, :data:`~stemforge.models.lattice_reconstruction.SCALE_ERROR`).
     """
+    from stemforge.infer.lattice import DIRECT_BEAM_REACH
+    from stemforge.models.extinctions import absence_log_likelihood
     from stemforge.models.lattice_reconstruction import (
+        NET_REACH,
         SCALE_ERROR,
         SYMMETRY_TOLERANCES,
         lattice_symmetry,
@@ -229,9 +232,11 @@ def aggregate(
     from stemforge.models.lattice_refinement import refine_lattice
     from stemforge.models.laue_symmetry import (
         EVIDENCE_WEIGHT,
+        indexed_spots,
         laue_evidence,
         laue_rotation_count,
         system_evidence,
+        unseen_nodes,
     )
 
     if len(predictions) == 0:
@@ -239,6 +244,8 @@ def aggregate(
     system_log = np.log(np.maximum(predictions.system_probability, floor)).sum(axis=0)
     reconstruction = symmetry = None
     laue: dict[tuple[str, int], float] = {}
+    spots: list[tuple[np.ndarray, np.ndarray]] = []
+    unseen: list[np.ndarray] = []
     if predictions.nets is not None:
         reconstruction = reconstruct_lattice(
             predictions.nets, scale_error=SCALE_ERROR if scale_error is None else scale_error
@@ -247,11 +254,20 @@ def aggregate(
         readings = [lattice_symmetry(reconstruction, t) for t in SYMMETRY_TOLERANCES]
         system_log = system_log + system_log_prior(readings)
         if predictions.reflections is not None:
-            laue = laue_evidence(
+            spots = indexed_spots(
                 reconstruction.metric,
                 predictions.nets,
                 predictions.reflections,
                 reconstruction.indices,
+            )
+            laue = laue_evidence(reconstruction.metric, spots)
+            unseen = unseen_nodes(
+                reconstruction.metric,
+                predictions.nets,
+                predictions.reflections,
+                reconstruction.indices,
+                reach=NET_REACH,
+                inner=DIRECT_BEAM_REACH,
             )
             system_log = system_log + EVIDENCE_WEIGHT * np.nan_to_num(system_evidence(laue))
     system_post = _posterior(system_log)
@@ -262,14 +278,18 @@ def aggregate(
     ranked = np.sort(system_log)
     margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
     groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))
+    absences = np.zeros(len(groups))
     if symmetry is not None and CRYSTAL_SYSTEMS[best] in symmetry.systems:
         centrings = space_group_centrings()
         same = [centrings[g - 1] == symmetry.centring for g in groups]
         groups = groups[same] if any(same) else groups
+        absences = absence_log_likelihood(
+            groups, spots, unseen, symmetry.to_conventional, CRYSTAL_SYSTEMS[best]
+        )
     conditional = predictions.group_probability[:, groups - 1] / np.maximum(
         predictions.system_probability[:, [best]], 1e-12
     )
-    group_log = np.log(np.maximum(conditional, floor)).sum(axis=0)
+    group_log = np.log(np.maximum(conditional, floor)).sum(axis=0) + absences
     # The intensities' Laue class within the system (e.g. 4/m against 4/mmm).
     classes = [laue.get((CRYSTAL_SYSTEMS[best], laue_rotation_count(g))) for g in groups]
     if classes and None not in classes:

@@ -129,6 +129,9 @@ class LatticeSymmetry:
     """``P``, ``S`` (one pair of faces: A, B or C), ``I``, ``F`` or ``R``."""
     conventional_basis: np.ndarray
     """``(3, 3)`` rows a, b, c of the conventional cell (Å, spglib's standard setting)."""
+    to_conventional: np.ndarray
+    """``(3, 3)`` integer: a reflection's conventional-cell indices are its indices in the
+    reconstruction's reduced basis times this matrix."""
 
     def parameters(self, system: str | None = None) -> np.ndarray:
         """``(6,)`` a b c (Å) α β γ (°) of the conventional cell in the conventions of
@@ -623,7 +626,8 @@ def lattice_symmetry(
     from stemforge.simulate.labels import quiet_spglib
     from stemforge.simulate.structures.record import crystal_system_of
 
-    basis = reduce_bases(reconstruction.direct_basis[None])[0]
+    direct = reconstruction.direct_basis
+    basis = reduce_bases(direct[None])[0]
     cell = (basis, [[0.0, 0.0, 0.0]], [1])
     # The edge sets the scale; for a flat cell spglib fails once the tolerance nears its
     # shortest vector, which then caps it.
@@ -633,16 +637,25 @@ def lattice_symmetry(
         if dataset is not None:
             break
     else:  # no reading at this tolerance: the lattice's own inversion only
-        return LatticeSymmetry("aP", ("triclinic",), "P", basis)
+        return LatticeSymmetry("aP", ("triclinic",), "P", basis, _index_map(basis, direct))
     number = int(dataset.number)
     system = crystal_system_of(number)
     centring = space_group_centrings()[number - 1]
     systems = ("hexagonal", "trigonal") if system == "hexagonal" else (system,)
     family = {"trigonal": "h", "hexagonal": "h"}.get(system, system[0])
     family = "a" if system == "triclinic" else family
+    conventional = np.asarray(dataset.std_lattice, float)
+    # spglib rotates its standard cell; rotated back it is an integer combination of ours.
+    unrotated = conventional @ np.asarray(dataset.std_rotation_matrix, float)
     return LatticeSymmetry(
-        f"{family}{centring}", systems, centring, np.asarray(dataset.std_lattice, float)
+        f"{family}{centring}", systems, centring, conventional, _index_map(unrotated, direct)
     )
+
+
+def _index_map(cell: np.ndarray, direct: np.ndarray) -> np.ndarray:
+    """Reciprocal index map from the lattice ``direct`` (rows) to ``cell``, a lattice basis
+    of it: ``cell = T·direct`` with integer ``T``, and indices go ``h → h·Tᵀ``."""
+    return np.rint(cell @ np.linalg.inv(direct)).astype(int).T
 
 
 def system_log_prior(

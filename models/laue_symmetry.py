@@ -122,20 +122,87 @@ def _encode(h: np.ndarray) -> np.ndarray:
     return ((h[..., 0] + 512) * 1024 + (h[..., 1] + 512)) * 1024 + (h[..., 2] + 512)
 
 
+def indexed_spots(
+    metric: np.ndarray, nets: np.ndarray, reflections: np.ndarray, indices: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each placed pattern's spots with 3D indices: ``(h (K, 3) int, intensity (K,))``.
+
+    Parameters
+    ----------
+    metric
+        ``(3, 3)`` reciprocal metric of the lattice's reduced basis.
+    nets
+        ``(P, 2, 2)`` the patterns' nets ``g1, g2`` (detector frame).
+    reflections
+        ``(P, K, 3)`` their spots indexed in the nets (:func:`net_reflections`).
+    indices
+        ``(P, 2, 3)`` indices of ``g1, g2`` in the reduced basis (zeros: pattern not placed,
+        left out).
+    """
+    placed, indices = _placed(metric, nets, indices)
+    out = []
+    for spots, (i1, i2) in zip(np.asarray(reflections)[placed], indices, strict=True):
+        spots = spots[np.isfinite(spots[:, 2])]
+        h = spots[:, :1].astype(int) * i1 + spots[:, 1:2].astype(int) * i2
+        out.append((h, spots[:, 2].astype(float)))
+    return out
+
+
+def unseen_nodes(
+    metric: np.ndarray,
+    nets: np.ndarray,
+    reflections: np.ndarray,
+    indices: np.ndarray,
+    *,
+    reach: float,
+    inner: float,
+) -> list[np.ndarray]:
+    """Each placed pattern's net nodes ``inner < |g| < reach`` that show no spot, 3D indices.
+
+    Parameters as for :func:`indexed_spots`, ``reach`` and ``inner`` as for
+    :func:`net_reflections`. A pattern whose spot list is full (weaker spots cut) gives none.
+    """
+    placed, indices = _placed(metric, nets, indices)
+    out = []
+    for net, spots, (i1, i2) in zip(
+        np.asarray(nets, float)[placed], np.asarray(reflections)[placed], indices, strict=True
+    ):
+        seen = spots[np.isfinite(spots[:, 2]), :2].astype(int)
+        if len(seen) == len(spots):
+            out.append(np.zeros((0, 3), int))
+            continue
+        height = abs(np.linalg.det(net)) / np.hypot(*net.T).max()
+        r = np.arange(-int(np.ceil(reach / height)), int(np.ceil(reach / height)) + 1)
+        mn = np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)
+        length = np.hypot(*(mn @ net).T)
+        mn = mn[(length > inner) & (length < reach)]
+        known = (seen[:, None, :] == mn[None]).all(-1).any(0)
+        mn = mn[~known]
+        out.append(mn[:, :1] * i1 + mn[:, 1:] * i2)
+    return out
+
+
+def _placed(
+    metric: np.ndarray, nets: np.ndarray, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which patterns the lattice holds, and their nets' isometric 3D indices."""
+    indices = np.asarray(indices, int)
+    placed = np.any(indices != 0, axis=(1, 2))
+    return placed, _isometric(indices[placed], np.asarray(nets, float)[placed], metric)
+
+
 def _pairs(
-    reflections: np.ndarray, indices: np.ndarray, rotations: np.ndarray
+    spots: list[tuple[np.ndarray, np.ndarray]], rotations: np.ndarray
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Log-intensity differences of the spot pairs each rotation relates, and of Friedel pairs."""
     per_rotation: list[list[np.ndarray]] = [[] for _ in rotations]
     friedel = []
-    for spots, (i1, i2) in zip(reflections, indices, strict=True):
-        spots = spots[np.isfinite(spots[:, 2])]
-        if len(spots) < 2:
+    for h, intensity in spots:
+        if len(h) < 2:
             continue
-        h = spots[:, :1].astype(int) * i1 + spots[:, 1:2].astype(int) * i2
         codes = _encode(h)
         order = np.argsort(codes)
-        log_i = np.log(spots[:, 2])
+        log_i = np.log(intensity)
         for r, v in enumerate(rotations):
             image = h @ v
             a, b = _matches(codes, order, image)
@@ -161,20 +228,18 @@ def _matches(
 
 
 def rotation_evidence(
-    reflections: np.ndarray, indices: np.ndarray, rotations: np.ndarray
+    spots: list[tuple[np.ndarray, np.ndarray]], rotations: np.ndarray
 ) -> np.ndarray:
     """``(R,)`` log-likelihood ratio, symmetric against unrelated, of each rotation's pairs.
 
     Parameters
     ----------
-    reflections
-        ``(P, K, 3)`` from :func:`net_reflections`, patterns placed in the lattice only.
-    indices
-        ``(P, 2, 3)`` 3D indices of each pattern's ``g1, g2`` (an isometric embedding).
+    spots
+        Each pattern's indexed spots (:func:`indexed_spots`).
     rotations
         ``(R, 3, 3)`` from :func:`lattice_rotations`.
     """
-    differences, friedel = _pairs(reflections, indices, rotations)
+    differences, friedel = _pairs(spots, rotations)
     noise = (
         max(np.median(friedel**2) / 0.455, MIN_NOISE_VARIANCE)  # median of χ²₁ is 0.455
         if len(friedel) >= MIN_FRIEDEL_PAIRS
@@ -260,7 +325,7 @@ def rotation_subgroups(rotations: np.ndarray) -> list[tuple[str, np.ndarray]]:
 
 
 def laue_evidence(
-    metric: np.ndarray, nets: np.ndarray, reflections: np.ndarray, indices: np.ndarray
+    metric: np.ndarray, spots: list[tuple[np.ndarray, np.ndarray]]
 ) -> dict[tuple[str, int], float]:
     """Intensity evidence for each Laue class the lattice can hold.
 
@@ -268,12 +333,8 @@ def laue_evidence(
     ----------
     metric
         ``(3, 3)`` reciprocal metric of the lattice's reduced basis.
-    nets
-        ``(P, 2, 2)`` the patterns' nets ``g1, g2`` (detector frame).
-    reflections
-        ``(P, K, 3)`` their indexed spots (:func:`net_reflections`).
-    indices
-        ``(P, 2, 3)`` indices of ``g1, g2`` in the reduced basis (zeros: pattern not placed).
+    spots
+        The patterns' spots indexed in that basis (:func:`indexed_spots`).
 
     Returns
     -------
@@ -281,11 +342,8 @@ def laue_evidence(
         ``(crystal system, number of proper rotations)`` → the best summed log-likelihood
         ratio over the subgroups of that kind (``("triclinic", 1)`` → 0).
     """
-    indices = np.asarray(indices, int)
-    placed = np.any(indices != 0, axis=(1, 2))
-    indices = _isometric(indices[placed], np.asarray(nets, float)[placed], metric)
     rotations = lattice_rotations(metric)
-    evidence = rotation_evidence(np.asarray(reflections)[placed], indices, rotations)
+    evidence = rotation_evidence(spots, rotations)
     out: dict[tuple[str, int], float] = {}
     for system, members in rotation_subgroups(rotations):
         key = (system, int(members.sum()))

@@ -114,8 +114,8 @@ def test_the_lattice_overrides_an_unsure_model_in_the_aggregate():
 
 
 def test_system_prior_from_strict_and_loose_readings():
-    strict = LatticeSymmetry("mP", ("monoclinic",), "P", np.eye(3))
-    loose = LatticeSymmetry("cP", ("cubic",), "P", np.eye(3))
+    strict = LatticeSymmetry("mP", ("monoclinic",), "P", np.eye(3), np.eye(3, dtype=int))
+    loose = LatticeSymmetry("cP", ("cubic",), "P", np.eye(3), np.eye(3, dtype=int))
     prior = dict(zip(CRYSTAL_SYSTEMS, system_log_prior([strict, loose], 5.0, 3.0), strict=True))
     assert prior["monoclinic"] == 0 and prior["triclinic"] == -5  # lower than the lattice
     assert prior["cubic"] == -3  # only the loose reading allows it

@@ -8,6 +8,7 @@ from stemforge.datasets.peak_lists import augment, kinematic_peak_lists
 from stemforge.models.crystal_id import PatternPredictions, aggregate
 from stemforge.models.lattice_reconstruction import reconstruct_lattice, reduce_bases
 from stemforge.models.laue_symmetry import (
+    indexed_spots,
     lattice_rotations,
     laue_evidence,
     laue_rotation_count,
@@ -81,7 +82,10 @@ def test_the_intensities_tell_hexagonal_from_trigonal(space_group, system):
             CRYSTAL_SYSTEMS,
             system_evidence(
                 laue_evidence(
-                    found.metric, predictions.nets, predictions.reflections, found.indices
+                    found.metric,
+                    indexed_spots(
+                        found.metric, predictions.nets, predictions.reflections, found.indices
+                    ),
                 )
             ),
             strict=True,

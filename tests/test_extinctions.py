@@ -1,0 +1,44 @@
+"""Systematic absences of space groups, and the aggregate reading them off indexed patterns."""
+
+import numpy as np
+import pytest
+
+from stemforge.datasets.peak_lists import kinematic_peak_lists
+from stemforge.models.crystal_id import PatternPredictions, aggregate
+from stemforge.models.extinctions import forbidden
+from stemforge.simulate.structures import get_structure
+
+
+@pytest.mark.parametrize(
+    "group, absent, present",
+    [
+        (225, [[1, 0, 0], [1, 1, 0], [2, 1, 0]], [[1, 1, 1], [2, 0, 0], [2, 2, 0]]),  # F
+        # d glide; (222) is absent from diamond by its special position, not by the group
+        (227, [[2, 0, 0], [0, 4, 2], [4, 2, 0]], [[1, 1, 1], [4, 0, 0], [2, 2, 2]]),
+        (14, [[1, 0, 1], [0, 1, 0], [0, 3, 0]], [[1, 0, 2], [0, 2, 0], [1, 1, 1]]),  # 2₁/c
+        (194, [[0, 0, 1], [1, 1, 1], [0, 0, 3]], [[1, 0, 1], [0, 0, 2], [1, 1, 2]]),  # 6₃/mmc
+        (62, [[0, 1, 0], [0, 1, 2], [1, 1, 0]], [[0, 1, 1], [2, 0, 0], [1, 1, 1]]),  # Pnma
+    ],
+    ids=["Fm-3m", "Fd-3m", "P2_1/c", "P6_3/mmc", "Pnma"],
+)
+def test_reflection_conditions_of_known_groups(group, absent, present):
+    assert forbidden(group, np.array(absent)).all()
+    assert not forbidden(group, np.array(present)).any()
+
+
+def test_the_aggregate_reads_the_absences_of_hcp_magnesium():
+    lists = kinematic_peak_lists(
+        [get_structure("aflow-proto:A_hP2_194_c-Mg")], seed=0, n_zone_axes=10, thickness=(100.0,)
+    )
+    n = len(lists)
+    # A model that cannot tell the groups apart: the patterns decide.
+    predictions = PatternPredictions(
+        np.full((n, 7), 1 / 7), np.full((n, 230), 1 / 230), np.zeros((n, 7, 6))
+    ).with_nets(lists.q, lists.intensity, lists.offsets)
+    result = aggregate(predictions)
+    assert result.crystal_system == "hexagonal"
+    # (0001) and (11-21) absent, (10-11) present: a 6₃ screw and a c glide, as P6₃/mmc
+    # (or P6₃mc, P-62c: the same conditions; kinematic intensities cannot tell them).
+    assert forbidden(result.space_group, np.array([[0, 0, 1], [1, 1, 1]])).all()
+    assert not forbidden(result.space_group, np.array([[1, 0, 1]])).any()
+    assert result.space_group in (186, 190, 194)
