@@ -110,7 +110,8 @@ def main() -> None:
         "Aggregation: summed log-probabilities over the 10 patterns, weighted by the Bravais lattice "
         "reconstructed from the patterns' 2D nets (`models/lattice_reconstruction.py`, at least 5 "
         "distinct nets) and by the lattice rotations the intensities obey (`models/laue_symmetry.py`: "
-        "Laue class, e.g. hexagonal vs trigonal on hP); the centring and the Laue class weigh the "
+        "Laue class, e.g. hexagonal vs trigonal on hP); the centring, the Laue class and the "
+        "systematic absences of the 3D-indexed reflections (`models/extinctions.py`) weigh the "
         "space groups, the cell gives the lattice. Lattice: median |error| of the "
         "aggregated a, b, c (free lengths of the system) where the system is right; its floor is the "
         "session's calibration error (median 1.5 % at ±3 %).",
