@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from uninformed_predictions import uninformed_predictions
 
 from stemforge.datasets.peak_lists import kinematic_peak_lists
-from stemforge.models.crystal_id import PatternPredictions, aggregate
+from stemforge.models.crystal_id import aggregate
 from stemforge.models.extinctions import forbidden
 from stemforge.simulate.structures import get_structure
 
@@ -30,11 +31,8 @@ def test_the_aggregate_reads_the_absences_of_hcp_magnesium():
     lists = kinematic_peak_lists(
         [get_structure("aflow-proto:A_hP2_194_c-Mg")], seed=0, n_zone_axes=10, thickness=(100.0,)
     )
-    n = len(lists)
     # A model that cannot tell the groups apart: the patterns decide.
-    predictions = PatternPredictions(
-        np.full((n, 7), 1 / 7), np.full((n, 230), 1 / 230), np.zeros((n, 7, 6))
-    ).with_nets(lists.q, lists.intensity, lists.offsets)
+    predictions = uninformed_predictions(lists)
     result = aggregate(predictions)
     assert result.crystal_system == "hexagonal"
     # (0001) and (11-21) absent, (10-11) present: a 6₃ screw and a c glide, as P6₃/mmc

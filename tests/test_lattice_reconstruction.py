@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from uninformed_predictions import uninformed_predictions
 
 from stemforge.datasets.peak_lists import augment, kinematic_peak_lists
-from stemforge.models.crystal_id import PatternPredictions, aggregate
+from stemforge.models.crystal_id import aggregate
 from stemforge.models.lattice_reconstruction import (
     LatticeSymmetry,
     lattice_symmetry,
@@ -100,11 +101,8 @@ def test_one_zone_axis_has_no_third_dimension():
 
 def test_the_lattice_overrides_an_unsure_model_in_the_aggregate():
     lists = _lists(CASES[0][0])
-    n = len(lists)
     # A model that cannot tell: equal system and group probabilities.
-    predictions = PatternPredictions(
-        np.full((n, 7), 1 / 7), np.full((n, 230), 1 / 230), np.zeros((n, 7, 6))
-    ).with_nets(lists.q, lists.intensity, lists.offsets)
+    predictions = uninformed_predictions(lists)
     result = aggregate(predictions)
     assert result.crystal_system == "cubic"
     assert result.bravais_lattice == "cF"
