@@ -56,6 +56,10 @@ def forbidden(number: int, hkl: np.ndarray) -> np.ndarray:
     return np.any(fixed & shifted, axis=0)
 
 
+#: The six orders of the orthorhombic axes.
+_PERMUTATIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))
+
+
 @cache
 def _settings(system: str) -> tuple[np.ndarray, ...]:
     """Index maps ``h → h·S`` from the lattice's standard cell to the group's possible ones."""
@@ -72,9 +76,6 @@ def _settings(system: str) -> tuple[np.ndarray, ...]:
         # A direct-cell change c' = T·c maps indices h → h·Tᵀ.
         return tuple((s @ t).T for t in choices for s in (identity, swap))
     return (identity,)
-
-
-_PERMUTATIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))
 
 
 def absence_log_likelihood(
