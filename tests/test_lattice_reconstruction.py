@@ -92,6 +92,29 @@ def test_sessions_of_measured_patterns(case, at_least):
     assert len(found) >= at_least
 
 
+@pytest.mark.parametrize(
+    ("structure_id", "bravais", "a", "c"),
+    [("pyxtal:sg108-31-0", "tI", 7.67, 5.92), ("pyxtal:sg129-31-0", "tP", 5.95, 17.87)],
+    ids=["tI", "tP-long-c"],
+)
+def test_every_session_finds_cells_whose_candidates_rank_late(structure_id, bravais, a, c):
+    """Random tetragonal crystals (of the tuning seed 31) whose true lattice is one of
+    thousands of candidates, ranked past the first thousand, and whose nets a lattice with a
+    slightly larger (not twice as large) reciprocal cell also explains: each of four
+    sessions must score every candidate and let the fit, not the cell size, decide."""
+    lists = kinematic_peak_lists(
+        [get_structure(structure_id)], seed=0, n_zone_axes=10, thickness=(100.0,), q_max=1.6
+    )
+    for seed in range(4):
+        measured = augment(lists, seed, sessions=lists.structure_id)
+        found = reconstruct_lattice(pattern_nets(measured.q, measured.intensity, measured.offsets))
+        assert found is not None
+        symmetry = lattice_symmetry(found)
+        assert symmetry.bravais == bravais
+        # The session's calibration error (≤ 3 %) plus the fit's.
+        np.testing.assert_allclose(symmetry.parameters()[[0, 2]], [a, c], rtol=0.035)
+
+
 def test_one_zone_axis_has_no_third_dimension():
     lists = _lists(CASES[0][0])
     first = lists.select(np.zeros(len(lists), int))  # the same pattern ten times
