@@ -125,7 +125,8 @@ def main() -> None:
         f"| crystal system, aggregated over 10 | **{np.mean([ok for _, ok in aggregated]):.1%}** | ≥ 92 % | {PUBLISHED['aggregated']} |",
         f"| space group top-1, one pattern | {group_top1.mean():.1%} | | {PUBLISHED['group']} |",
         f"| space group top-3, one pattern | **{group_top3.mean():.1%}** | ≥ 90 % | |",
-        f"| space group top-1, aggregated over 10 | {np.mean(aggregated_group):.1%} | | |",
+        f"| space group top-1, aggregated over 10 | {np.mean([top1 for top1, _ in aggregated_group]):.1%} | | |",
+        f"| space group top-3, aggregated over 10 | **{np.mean([top3 for _, top3 in aggregated_group]):.1%}** | ≥ 90 % | |",
         f"| crystal system, aggregated, calibration and ellipticity independent per pattern (±3 % allowed between patterns) | "
         f"{np.mean([ok for _, ok in variants['independent'][0]]):.1%} | | |",
         f"| Bravais lattice reconstructed and right, aggregated | {np.mean(bravais):.1%} | | |",
@@ -160,8 +161,8 @@ def main() -> None:
 def score_aggregates(
     measured, predictions, scale_error: float | None = None
 ) -> tuple[list, list, dict, list]:
-    """Per structure: (system, right?), group right?, lattice |errors| per system, and
-    whether the reconstructed Bravais lattice is one of the true system's."""
+    """Per structure: (system, right?), (group top-1 right?, in the top 3?), lattice |errors|
+    per system, and whether the reconstructed Bravais lattice is one of the true system's."""
     from stemforge.models.lattice_reconstruction import space_group_centrings
 
     aggregated, groups, lattice_error, bravais = [], [], {s: [] for s in CRYSTAL_SYSTEMS}, []
@@ -171,8 +172,9 @@ def score_aggregates(
         result = aggregate(predictions.take(rows), scale_error=scale_error)
         system = CRYSTAL_SYSTEMS[truth[rows[0]]]
         aggregated.append((system, result.crystal_system == system))
-        groups.append(result.space_group == measured.space_group[rows[0]])
         group = int(measured.space_group[rows[0]])
+        top3 = np.argsort(-result.group_probability, kind="stable")[:3] + 1
+        groups.append((result.space_group == group, group in top3))
         bravais.append(
             result.bravais_lattice is not None
             and result.crystal_system == system
