@@ -7,6 +7,8 @@ from uninformed_predictions import uninformed_predictions
 from stemforge.datasets.peak_lists import augment, kinematic_peak_lists
 from stemforge.models.crystal_id import aggregate
 from stemforge.models.lattice_reconstruction import (
+    SYMMETRY_TOLERANCES,
+    LatticeReconstruction,
     LatticeSymmetry,
     lattice_symmetry,
     pattern_nets,
@@ -142,3 +144,20 @@ def test_system_prior_from_strict_and_loose_readings():
     assert prior["cubic"] == -3  # only the loose reading allows it
     assert prior["tetragonal"] == -8 and prior["orthorhombic"] == -8  # below the loose one
     assert prior["hexagonal"] == -np.inf  # no reading allows a hexagonal lattice
+
+
+def test_a_monoclinic_cell_near_orthorhombic_keeps_the_monoclinic_answer_open():
+    """A P2 cell of the tuning seed's kind with β = 91°: spglib finds it orthorhombic at 4 %
+    of the cell's edge (the default reading) but not at 2 % (monoclinic from 90.7° on at 2 %,
+    from 91.4° on at 4 %). Read at 2, 4 and 8 %, orthorhombic costs only the loose penalty
+    instead of monoclinic costing the full one, so the intensities can still decide."""
+    a, b, c, beta = 3.36, 6.92, 5.15, np.radians(91.0)
+    direct = np.array([[a, 0, 0], [0, b, 0], [c * np.cos(beta), 0, c * np.sin(beta)]])
+    found = LatticeReconstruction(
+        np.linalg.inv(direct @ direct.T), np.ones(1, bool), np.ones(1), np.zeros((1, 2, 3), int)
+    )
+    assert lattice_symmetry(found).bravais == "oP"
+    readings = [lattice_symmetry(found, t) for t in SYMMETRY_TOLERANCES]
+    assert [r.bravais for r in readings] == ["mP", "oP", "oP"]
+    prior = dict(zip(CRYSTAL_SYSTEMS, system_log_prior(readings, 5.0, 3.0), strict=True))
+    assert prior["monoclinic"] == 0 and prior["orthorhombic"] == -3
