@@ -13,15 +13,15 @@ up to one common sign, tried both ways).
 (``g1, g2, g1 ± g2`` and the next four), adds the lattices that two nets sharing ``x`` make
 with a vector length seen in any net (``|i·x + j·y + z|`` fixes ``y·z`` where no third net
 shows a pair), ranked by how many of their short rows have lengths the nets show, scores
-each candidate lattice by the patterns it explains (it holds
-two vectors with the pattern's metric, within the pattern's calibration error), keeps the
-coarsest of the best (a finer lattice explains all a coarser one does: the parsimony rule of
-powder indexing; only a sublattice, whose cell is at least twice as large, counts as
-coarser) and of those the one that fits best, and refines ``G*`` by least squares over every explained pattern with each
-pattern's calibration a free factor whose geometric mean is held at 1, so independent
-calibration errors average out. :func:`lattice_symmetry` reads the Bravais lattice and the
-conventional cell off the metric (spglib on a one-atom cell). The lattice fixes the crystal
-system, except that hexagonal and trigonal crystals share one lattice (hP).
+every candidate lattice (all at once) by the patterns it explains (it holds two vectors with
+the pattern's metric, within the pattern's calibration error), keeps the coarsest of the
+best (a finer lattice explains all a coarser one does: the parsimony rule of powder
+indexing; only a sublattice, whose cell is at least twice as large, counts as coarser) and
+of those the one that fits best, and refines ``G*`` by least squares over every explained
+pattern with each pattern's calibration a free factor whose geometric mean is held at 1, so
+independent calibration errors average out. :func:`lattice_symmetry` reads the Bravais
+lattice and the conventional cell off the metric (spglib on a one-atom cell). The lattice
+fixes the crystal system, except that hexagonal and trigonal crystals share one lattice (hP).
 """
 
 from __future__ import annotations
