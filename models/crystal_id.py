@@ -14,7 +14,9 @@ Three stages, each conditioned on the one before (after Gleason et al., PRMateri
 Many patterns of one grain (several zone axes, or the positions of one region) combine
 in :func:`aggregate` by summing log-probabilities, which treats the patterns as independent
 views; the confidence reported is the posterior of the winner under that assumption and
-the margin of its summed log-probability over the runner-up.
+the margin of its summed log-probability over the runner-up. Within the winning system the
+space-group probabilities are averaged instead (their shared prior would otherwise count
+once per pattern), and the reflection conditions read from all patterns together decide.
 
 Models persist as skops files (no pickle: loading refuses any type outside scikit-learn
 and NumPy, so a file cannot run code), the settings as JSON inside them.
@@ -290,10 +292,11 @@ def aggregate(
         predictions.system_probability[:, [best]], 1e-12
     )
     # Averaged, not summed: each pattern's probabilities carry the forests' space-group prior
-    # (on seed 31 they favour Pnma: 6 of 22 orthorhombic misses), and a sum over ten patterns
-    # counts it ten times over the reflection conditions, which the absences and the Laue class read from
-    # all patterns at once. Pyxtal seed 31, aggregated top-1 / top-3: sum 24.5 / 51.3 %,
-    # 0.3 × sum 28.4 / 60.9 %, 0 × sum 28.0 / 62.1 %, mean 29.9 / 62.8 %.
+    # (on seed 31 they favour Pnma in a third of the orthorhombic misses), and a sum over ten
+    # patterns counts it ten times over the reflection conditions, which the absences and
+    # the Laue class read from all patterns at once. Pyxtal seed 31, aggregated top-1 /
+    # top-3: sum 24.5 / 51.3 %, 0.3 × sum 28.4 / 60.9 %, 0 × sum 28.0 / 62.1 %, mean 29.9 /
+    # 62.8 %.
     group_log = np.log(np.maximum(conditional, floor)).mean(axis=0) + absences
     # The intensities' Laue class within the system (e.g. 4/m against 4/mmm).
     classes = [laue.get((CRYSTAL_SYSTEMS[best], laue_rotation_count(g))) for g in groups]
