@@ -1,5 +1,7 @@
 """Systematic absences of space groups, and the aggregate reading them off indexed patterns."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from uninformed_predictions import uninformed_predictions
@@ -39,4 +41,20 @@ def test_the_aggregate_reads_the_absences_of_hcp_magnesium():
     # (or P6₃mc, P-62c: the same conditions; kinematic intensities cannot tell them).
     assert forbidden(result.space_group, np.array([[0, 0, 1], [1, 1, 1]])).all()
     assert not forbidden(result.space_group, np.array([[1, 0, 1]])).any()
+    assert result.space_group in (186, 190, 194)
+
+
+def test_a_biased_group_model_does_not_outvote_the_absences_ten_times():
+    """Every pattern's model favours P6/mmm (no reflection conditions) 20:1 over each other
+    group: one prior, shared by all ten patterns. Mg's absences, read from the ten patterns
+    together, favour the 6₃ screw and c glide by more than that once, less than ten times."""
+    lists = kinematic_peak_lists(
+        [get_structure("aflow-proto:A_hP2_194_c-Mg")], seed=0, n_zone_axes=10, thickness=(100.0,)
+    )
+    biased = uninformed_predictions(lists)
+    groups = biased.group_probability.copy()
+    groups[:, 191 - 1] *= 20.0
+    groups /= groups.sum(axis=1, keepdims=True)
+    result = aggregate(replace(biased, group_probability=groups))
+    assert result.crystal_system == "hexagonal"
     assert result.space_group in (186, 190, 194)
