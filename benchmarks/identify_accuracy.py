@@ -112,7 +112,7 @@ def main() -> None:
         "distinct nets) and by the lattice rotations the intensities obey (`models/laue_symmetry.py`: "
         "Laue class, e.g. hexagonal vs trigonal on hP); the centring, the Laue class and the "
         "systematic absences of the 3D-indexed reflections (`models/extinctions.py`) weigh the "
-        "space groups, the cell gives the lattice. Lattice: median |error| of the "
+        "space groups (beside the forests' group log-probabilities, averaged over the patterns), the cell gives the lattice. Lattice: median |error| of the "
         "aggregated a, b, c (free lengths of the system) where the system is right; its floor is the "
         "session's calibration error (median 1.5 % at ±3 %).",
         "",
