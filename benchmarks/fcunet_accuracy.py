@@ -160,19 +160,20 @@ def recorded(metadata: dict[str, Any], *keys: str) -> Any:
 
 
 def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tuple[str, set[str]]:
-    """The training set's folder (as given or recorded by the model) and its structure ids."""
+    """The training set's folders (as given or recorded by the model) and their structure ids."""
     from stemforge.datasets.shards import open_dataset
 
-    folder = train_data or recorded(metadata, "data", "path")
-    if folder is None:
+    folders = train_data or recorded(metadata, "data", "path")
+    if folders is None:
         raise SystemExit(
             "the model records no training set: give --train-data DIR (its dataset folder), "
             "or --train-data none to test without excluding its structures"
         )
-    if folder == "none":
+    if folders == "none":
         return "none", set()
-    ids = open_dataset(folder).column("structure_id")
-    return str(folder), {str(i) for i in ids if i}
+    folders = [folders] if isinstance(folders, str) else list(folders)
+    ids = {str(i) for f in folders for i in open_dataset(f).column("structure_id") if i}
+    return ", ".join(str(f) for f in folders), ids
 
 
 def candidates(
@@ -400,28 +401,30 @@ def describe_model(spec: str, network: Any) -> list[str]:
     training = {
         k: metadata[k] for k in ("name", "seed", "epochs", "steps", "metrics") if k in metadata
     }
-    data = {k: v for k, v in (metadata.get("data") or {}).items() if k != "dataset"}
-    config = recorded(metadata, "data", "dataset", "config") or {}
-    simulation = {
-        k: config[k]
-        for k in (
-            "n_patterns",
-            "seed",
-            "structures",
-            "zone_axes",
-            "microscope",
-            "thickness",
-            "detector",
-            "phonons",
-            "augment",
-        )
-        if k in config
-    }
+    data = {k: v for k, v in (metadata.get("data") or {}).items() if k != "datasets"}
+    keys = (
+        "n_patterns",
+        "seed",
+        "structures",
+        "zone_axes",
+        "microscope",
+        "thickness",
+        "detector",
+        "phonons",
+        "engine",
+        "augment",
+    )
+    simulation = [
+        {k: dataset["config"][k] for k in keys if k in dataset["config"]}
+        for dataset in recorded(metadata, "data", "datasets") or []
+    ]
     return [
         f"- Model under test: `{spec}`, architecture `{metadata.get('model')}` "
         f"`{json.dumps(metadata.get('config'))}`, {parameters:,} parameters.",
         f"- Training: `{json.dumps(training)}`; data: `{json.dumps(data)}`.",
-        f"- Training set (simulation config): `{json.dumps(simulation) if simulation else 'not recorded'}`.",
+        "- Training sets (simulation configs): "
+        + ("; ".join(f"`{json.dumps(config)}`" for config in simulation) or "not recorded")
+        + ".",
     ]
 
 
@@ -558,9 +561,8 @@ def main() -> None:
     network = load_detector_model(options.model, device="cpu")
     folder, excluded = training_structures(options.train_data, network.zoo_metadata)
     if options.q_pixel_size is None:
-        recorded_size = recorded(
-            network.zoo_metadata, "data", "dataset", "config", "detector", "q_pixel_size"
-        )
+        datasets = recorded(network.zoo_metadata, "data", "datasets") or [{}]
+        recorded_size = recorded(datasets[0], "config", "detector", "q_pixel_size")
         options.q_pixel_size = float(recorded_size or 0.02)
 
     cases = plan_cases(options, excluded)

@@ -93,6 +93,11 @@ class ShardDataset(Dataset):
         """The structure id of each item, in item order."""
         return self.store.column("structure_id")[self.indices]
 
+    @property
+    def n_samples(self) -> int:
+        """Samples in the whole dataset folder (the range of the items' ``index``)."""
+        return len(self.store)
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -129,6 +134,42 @@ class ShardDataset(Dataset):
         return self.transform(out) if self.transform is not None else out
 
 
+class ConcatShardDataset(Dataset):
+    """Several :class:`ShardDataset` as one: items and ``index`` run on from part to part.
+
+    ``index`` of a part's sample is offset by the sizes of the folders before it, so it
+    stays unique (augmentation draws are keyed on it); a single part is unchanged. A part's
+    own ``transform`` sees its local ``index``: augment after joining.
+    """
+
+    def __init__(self, parts: Sequence[ShardDataset]) -> None:
+        if not parts:
+            raise ConfigurationError("no datasets to join", "give at least one dataset folder")
+        self.parts = list(parts)
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self._offsets = np.cumsum([0] + [p.n_samples for p in self.parts])
+
+    def structure_ids(self) -> np.ndarray:
+        """The structure id of each item, in item order."""
+        return np.concatenate([p.structure_ids() for p in self.parts])
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in all the folders together."""
+        return int(self._offsets[-1])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, item: int) -> Any:
+        if not 0 <= item < len(self):
+            raise IndexError(f"item {item} out of range for {len(self)} samples")
+        part = int(np.searchsorted(self._starts, item, side="right")) - 1
+        out = self.parts[part][item - int(self._starts[part])]
+        out["index"] += int(self._offsets[part])
+        return out
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch items of :class:`ShardDataset`: tensors stacked, ``metadata``/``peaks`` as lists."""
     lists = {key: [item[key] for item in batch] for key in LIST_KEYS if key in batch[0]}
@@ -137,7 +178,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def split_by_structure(
-    dataset: ShardDataset | str | Path, fractions: Sequence[float], seed: int
+    dataset: ShardDataset | ConcatShardDataset | str | Path, fractions: Sequence[float], seed: int
 ) -> list[list[int]]:
     """Split item indices so that no structure appears in two splits.
 
@@ -148,8 +189,8 @@ def split_by_structure(
     Parameters
     ----------
     dataset
-        A :class:`ShardDataset` (indices refer to its items, for ``torch.utils.data.Subset``)
-        or a dataset folder (indices of all its samples).
+        A :class:`ShardDataset` or :class:`ConcatShardDataset` (indices refer to its items,
+        for ``torch.utils.data.Subset``) or a dataset folder (indices of all its samples).
     fractions
         Share of the samples in each split, e.g. ``(0.8, 0.1, 0.1)``; positive, sum 1.
     seed
@@ -172,7 +213,7 @@ def split_by_structure(
         )
     ids = (
         dataset.structure_ids()
-        if isinstance(dataset, ShardDataset)
+        if isinstance(dataset, ShardDataset | ConcatShardDataset)
         else open_dataset(dataset).column("structure_id")
     )
     unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)

@@ -66,7 +66,8 @@ def _device(model: Any) -> Any:
 
 
 def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _BATCH) -> np.ndarray:
-    """Predicted structure-factor images ``(N, Qx, Qy)`` of a stack of patterns.
+    """Predicted structure-factor images ``(N, Qx, Qy)`` of a stack of patterns, peaks
+    as ``|V_g| / |V_0|``.
 
     Parameters
     ----------
@@ -79,7 +80,7 @@ def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _B
     """
     import torch
 
-    from stemforge.datasets.datamodule import normalize_inputs
+    from stemforge.datasets.datamodule import normalize_inputs, structure_factor_image
 
     patterns = np.asarray(patterns, dtype=np.float32)
     if patterns.ndim != 3 or patterns.shape[1:] != np.shape(probe):
@@ -94,7 +95,8 @@ def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _B
         for start in range(0, len(patterns), batch):
             x = torch.as_tensor(patterns[start : start + batch], device=device)[:, None]
             x, p = normalize_inputs(x, probe_t)
-            out[start : start + batch] = model(x, p)[:, 0].float().cpu().numpy()
+            y = structure_factor_image(model(x, p)[:, 0].float())
+            out[start : start + batch] = y.cpu().numpy()
     return out
 
 

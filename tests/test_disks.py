@@ -99,6 +99,20 @@ def test_pure_kernels_chain_to_the_same_result_as_detect_patterns():
 
 
 # ---- thresholds ---------------------------------------------------------------------------
+def test_a_small_cell_keeps_all_its_disks_by_default():
+    """A 128² pattern of a 12×12 grid of small disks (a small cell, as the FCU-Net benchmark
+    holds): 144 disks, all found with the default cap, and the strongest 100 with 100."""
+    spots = np.stack(np.meshgrid(np.arange(12), np.arange(12), indexing="ij"), -1).reshape(-1, 2)
+    centres = 9.5 + 10.0 * spots + 0.1 * spots[:, ::-1]
+    amps = np.linspace(1.0, 0.05, len(centres))
+    pattern = _disks(centres, amps, (128, 128), 2.5)
+    kernel = make_kernel(synthetic_probe((128, 128), 2.5), "plain")
+    found = detect_patterns(pattern[None], kernel, DetectionParams(), "numpy")[0]
+    assert len(found) == len(centres) and _errors([found], centres[None]).max() < 0.05
+    capped = detect_patterns(pattern[None], kernel, DetectionParams(max_peaks=100), "numpy")[0]
+    assert len(capped) == 100 and capped[:, 2].min() >= np.sort(found[:, 2])[-100]
+
+
 BIG = (96, 96)
 PEAKS = np.array([[48.0, 48.0], [48.0, 20.0], [20.0, 48.0], [76.0, 48.0], [48.0, 76.0]])
 AMPS = [1.0, 0.5, 0.2, 0.05, 0.01]

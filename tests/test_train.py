@@ -31,7 +31,9 @@ from stemforge.datasets.datamodule import (
     FCUNetDataModule,
     normalize_inputs,
     normalize_target,
+    structure_factor_image,
 )
+from stemforge.datasets.torch_dataset import ShardDataset
 from stemforge.models.fcunet import FCUNet
 from stemforge.models.unet import UNet
 from stemforge.simulate.sample import PEAK_DTYPE, Sample
@@ -185,8 +187,51 @@ def test_normalize_inputs_is_dose_free_and_the_same_for_numpy_and_torch():
     assert not empty.any() and ints.dtype == np.float32 and np.allclose(ints, 1)
     target = np.zeros((2, 8, 8), np.float32)
     target[0, 4, 4], target[0, 1, 1] = 12.0, 3.0
-    np.testing.assert_allclose(normalize_target(target)[0, [4, 1], [4, 1]], [1.0, 0.25])
+    # the network learns the root of |V_g| / |V_0|; its outputs map back, negatives to 0
+    np.testing.assert_allclose(normalize_target(target)[0, [4, 1], [4, 1]], [1.0, 0.5])
     assert not normalize_target(torch.from_numpy(target))[1].any()
+    np.testing.assert_allclose(
+        structure_factor_image(normalize_target(torch.from_numpy(target))).numpy(), target / 12
+    )
+    np.testing.assert_array_equal(structure_factor_image(np.array([-0.3, 0.5])), [0.0, 0.25])
+
+
+def test_datamodule_joins_folders_of_one_detector(dataset, tmp_path):
+    # a second run over the same structures: they must stay in one split across folders
+    tasks = [
+        SimpleNamespace(index=i, seed=50 + i, n_samples=PER_STRUCTURE) for i in range(N_STRUCTURES)
+    ]
+    build = dict(seed=1, samples_per_shard=8, n_workers=1, progress=False)
+    second = build_dataset(
+        tmp_path / "second", tasks, _simulate, config={"synthetic": True}, **build
+    )
+    dm = FCUNetDataModule([str(dataset), second], splits=(0.5, 0.25, 0.25), augment={}, seed=3)
+    dm.setup()
+    single = FCUNetDataModule(dataset, augment={})
+    single.setup()
+    n = len(single.datasets["train"].shards)
+    assert sum(len(ds) for ds in dm.datasets.values()) == 2 * n
+    ids = np.concatenate([dm.stores[0].column("structure_id"), dm.stores[1].column("structure_id")])
+    splits = [{ids[i] for i in ds.items} for ds in dm.datasets.values()]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    # indices run on into the second folder (augmentation draws are keyed on them)
+    indices = [dm.datasets["train"][i]["index"] for i in range(len(dm.datasets["train"]))]
+    assert len(set(indices)) == len(indices) and max(indices) >= n
+    item = dm.datasets["train"].items[-1]
+    raw = dm.datasets["train"].shards[item]
+    np.testing.assert_array_equal(
+        raw["cbed"], ShardDataset(second)[item - n]["cbed"]
+    )  # the item is the second folder's sample
+
+    other = build_dataset(
+        tmp_path / "other",
+        tasks[:2],
+        _simulate,
+        config={"synthetic": True, "detector": {"n_pixels": 64}},
+        **build,
+    )
+    with pytest.raises(ConfigurationError, match="different detectors"):
+        FCUNetDataModule([dataset, other])
 
 
 def test_datamodule_splits_by_structure_and_augments_per_epoch(dataset):
@@ -196,7 +241,7 @@ def test_datamodule_splits_by_structure_and_augments_per_epoch(dataset):
     sizes = {name: len(ds) for name, ds in dm.datasets.items()}
     assert sizes == {"train": 16, "val": 8, "test": 8}
     structures = {
-        name: {dm.store.column("structure_id")[i] for i in ds.items}
+        name: {dm.stores[0].column("structure_id")[i] for i in ds.items}
         for name, ds in dm.datasets.items()
     }
     assert not (structures["train"] & structures["val"] or structures["train"] & structures["test"])
@@ -255,6 +300,8 @@ def test_find_and_match_peaks():
     predicted = _peak_image(
         [[12.4, 12], [6, 6.5], [6, 18], [3, 20]], [0.9, 0.5, 0.3, 0.3]
     )  # one moved, one wrong
+    # the metric takes the network's scale, the root of |V_g| / |V_0| (normalize_target)
+    true, predicted = true.sqrt(), predicted.sqrt()
     metric = PeakAccuracy(threshold=0.05, tolerance=1.5)
     metric.update(true, true)
     assert metric.compute()["accuracy"] == 1 and metric.compute()["position_error"] < 1e-4
@@ -411,7 +458,7 @@ def test_training_lowers_val_loss_logs_csv_and_exports_the_best_weights(dataset,
     assert (
         meta["seed"] == 0
         and meta["data"]["path"] == str(dataset)
-        and meta["data"]["dataset"]["shape"] == [32, 32]
+        and meta["data"]["datasets"][0]["shape"] == [32, 32]
     )
     assert meta["metrics"]["val/loss"] == pytest.approx(
         min(val), rel=1e-6

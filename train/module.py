@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from stemforge.core.errors import ConfigurationError
+from stemforge.datasets.datamodule import structure_factor_image
 
 #: Losses on (prediction, target) by config name.
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -141,8 +142,9 @@ class PeakAccuracy(Metric):
     Parameters
     ----------
     threshold
-        Lowest peak height, in target units (the central beam is 1 after
-        :func:`~stemforge.datasets.datamodule.normalize_target`); FCU-Net used 5 %.
+        Lowest peak height as a fraction of the central beam's ``|V_0|``, on the images that
+        :func:`~stemforge.datasets.datamodule.structure_factor_image` makes of outputs and
+        targets; FCU-Net used 5 %.
     tolerance
         Largest distance, pixels, between a predicted and a true peak that match.
     """
@@ -159,9 +161,9 @@ class PeakAccuracy(Metric):
             )
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        """Add the peaks of a batch of ``(B, 1, H, W)`` predictions and targets."""
-        found = find_peaks(prediction, self.threshold)
-        true = find_peaks(target, self.threshold)
+        """Add the peaks of a batch of ``(B, 1, H, W)`` network outputs and normalised targets."""
+        found = find_peaks(structure_factor_image(prediction), self.threshold)
+        true = find_peaks(structure_factor_image(target), self.threshold)
         for pred, truth in zip(found, true, strict=True):
             if len(truth):
                 centre = truth[np.argmax(truth[:, 2]), :2]

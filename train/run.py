@@ -126,11 +126,13 @@ def check_config(cfg: Any, *, launcher: str | None = None) -> None:
                 "add data.path=DIR, a folder written by `stemforge simulate` (e.g. "
                 "`stemforge simulate fcunet_small out=data/small`)",
             )
-        if not Path(cfg.data.path).is_dir():
-            raise MissingFileError(
-                f"the dataset folder {cfg.data.path} does not exist",
-                "check data.path, or simulate the data first with `stemforge simulate PRESET out=DIR`",
-            )
+        paths = cfg.data.path if OmegaConf.is_list(cfg.data.path) else [cfg.data.path]
+        for path in paths:
+            if not Path(path).is_dir():
+                raise MissingFileError(
+                    f"the dataset folder {path} does not exist",
+                    "check data.path, or simulate the data first with `stemforge simulate PRESET out=DIR`",
+                )
     strategy = str(cfg.trainer.get("strategy", "auto"))
     if strategy.startswith("ddp") and not _spawns(strategy) and launcher not in (None, "submitit"):
         # Lightning relaunches the script for the other ranks, which then re-runs the sweep.
@@ -336,11 +338,15 @@ def train(cfg: Any) -> dict[str, float | None]:
 
     def metadata() -> dict[str, Any]:
         data = {key: value for key, value in _plain(cfg.data).items() if key != "_target_"}
-        data["dataset"] = {
-            "seed": datamodule.store.seed,
-            "shape": list(datamodule.pattern_shape),
-            "config": datamodule.store.config,
-        }
+        data["datasets"] = [
+            {
+                "path": str(path),
+                "seed": store.seed,
+                "shape": list(datamodule.pattern_shape),
+                "config": store.config,
+            }
+            for path, store in zip(datamodule.paths, datamodule.stores, strict=True)
+        ]
         return {"normalization": NORMALIZATION, "data": data}
 
     return fit_and_export(cfg, module, datamodule, ckpt_path, metadata)
