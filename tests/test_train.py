@@ -39,7 +39,7 @@ from stemforge.models.unet import UNet
 from stemforge.simulate.sample import PEAK_DTYPE, Sample
 from stemforge.train.commands import train as train_command
 from stemforge.train.module import FCUNetModule, PeakAccuracy, find_peaks, match_peaks
-from stemforge.train.run import compose_config, config_dir, main
+from stemforge.train.run import compose_config, config_dir, load_initial_weights, main
 
 # dask workers cannot import test modules: send this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -432,6 +432,32 @@ def test_fast_dev_run(dataset, tmp_path, experiment):
     run = _run(dataset, tmp_path / experiment, "trainer.fast_dev_run=true", experiment=experiment)
     meta = json.loads((run / "model" / "model.json").read_text())
     assert meta["model"] == experiment.split("_")[0] and meta["name"] == experiment
+
+
+def test_a_run_starts_from_exported_weights(dataset, tmp_path):
+    source = _run(dataset, tmp_path / "source", "trainer.fast_dev_run=true") / "model"
+    weights = source / "model.safetensors"
+    # learning rate 0: the fine-tuned export must hold the source's weights exactly
+    tuned = _run(
+        dataset,
+        tmp_path / "tuned",
+        f"init_weights={weights}",
+        "trainer.max_epochs=1",
+        "module.optimizer.lr=0",
+        "module.scheduler.name=constant",
+    )
+    before, after = load_file(weights), load_file(tuned / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    meta = json.loads((tuned / "model" / "model.json").read_text())
+    assert meta["init_weights"] == str(weights)
+    fresh = _run(dataset, tmp_path / "fresh", "trainer.max_epochs=1", "module.optimizer.lr=0")
+    fresh_weights = load_file(fresh / "model" / "model.safetensors")
+    # without init_weights the same seed starts elsewhere: the equality above is the loading
+    assert not all(torch.equal(before[k], fresh_weights[k]) for k in before)
+
+    with pytest.raises(ConfigurationError, match="init_weights=.*FCUNet"):
+        load_initial_weights(FCUNet(depth=2, width=8, max_width=8, refine_width=4), str(weights))
 
 
 def test_training_lowers_val_loss_logs_csv_and_exports_the_best_weights(dataset, tmp_path):

@@ -335,6 +335,9 @@ def train(cfg: Any) -> dict[str, float | None]:
     ckpt_path = prepare(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = FCUNetModule(model=_plain(cfg.model), **_plain(cfg.module))
+    init_weights = cfg.get("init_weights")
+    if init_weights and ckpt_path is None:  # a resumed run takes its checkpoint's weights
+        load_initial_weights(module.net, str(init_weights))
 
     def metadata() -> dict[str, Any]:
         data = {key: value for key, value in _plain(cfg.data).items() if key != "_target_"}
@@ -347,9 +350,33 @@ def train(cfg: Any) -> dict[str, float | None]:
             }
             for path, store in zip(datamodule.paths, datamodule.stores, strict=True)
         ]
-        return {"normalization": NORMALIZATION, "data": data}
+        return {"normalization": NORMALIZATION, "data": data, "init_weights": init_weights}
 
     return fit_and_export(cfg, module, datamodule, ckpt_path, metadata)
+
+
+def load_initial_weights(net: Any, spec: str) -> None:
+    """Start ``net`` from the weights of a zoo model (``name[@version]``) or of an exported
+    ``.safetensors`` file: fine-tuning on new data, or a longer schedule after a short one.
+
+    Raises
+    ------
+    ConfigurationError
+        The source has another architecture or configuration than ``net``, or was trained
+        with another input normalisation.
+    """
+    from stemforge.infer.fcunet_detect import load_detector_model
+
+    source = load_detector_model(spec)  # refuses another normalisation
+    if type(source) is not type(net) or source.config() != net.config():
+        raise ConfigurationError(
+            f"init_weights={spec} is a {type(source).__name__} {source.config()}, "
+            f"but this run builds a {type(net).__name__} {net.config()}",
+            "set the model group and its settings to the source's (stemforge zoo info NAME "
+            "shows them), or drop init_weights",
+        )
+    net.load_state_dict(source.state_dict())
+    log.info("started from the weights of %s", spec)
 
 
 def task(cfg: Any) -> float | None:
