@@ -87,7 +87,7 @@ def normalize_target(target: Image) -> Image:
     the weak reflections: the strongest diffracted ``|V_g|`` is typically 0.1–0.5 of
     ``|V_0|`` and reflections worth finding go down to 5 % of that, so on the linear scale a
     missed weak peak cost the mean-squared loss ~0.2 % of an image's total and the
-    network left 18 % of the benchmark's reflections out; under the root it costs ~40 times
+    network left 18 % of the benchmark's reflections out; under the root it costs ~30 times
     more. :func:`structure_factor_image` maps outputs back. An all-zero target stays zero.
     """
     if isinstance(target, torch.Tensor):
