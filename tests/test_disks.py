@@ -108,7 +108,8 @@ def test_a_small_cell_keeps_all_its_disks_by_default():
     pattern = _disks(centres, amps, (128, 128), 2.5)
     kernel = make_kernel(synthetic_probe((128, 128), 2.5), "plain")
     found = detect_patterns(pattern[None], kernel, DetectionParams(), "numpy")[0]
-    assert len(found) == len(centres) and _errors([found], centres[None]).max() < 0.05
+    # 0.027 px measured: at 10 px spacing the neighbours' correlation tails pull each peak
+    assert len(found) == len(centres) and _errors([found], centres[None]).max() < 0.04
     capped = detect_patterns(pattern[None], kernel, DetectionParams(max_peaks=100), "numpy")[0]
     assert len(capped) == 100 and capped[:, 2].min() >= np.sort(found[:, 2])[-100]
 
