@@ -480,7 +480,7 @@ def render(rows: list[RegimeResult], rates: dict[str, float], info: dict[str, An
         f"Throughput on the CPU ({info['threads']} torch threads; 1-min load average "
         f"{info['load']:.1f} before timing), {info['n_throughput']} patterns of "
         f"{info['n_pixels']}², after a warm-up; whole detection (FCU-Net: prediction in "
-        "batches of 16, peak picking and DFT refinement).",
+        "batches of 16, peak picking and Gaussian refinement; correlation: DFT refinement).",
         "",
         "| detector | patterns/s | target |",
         "|---|---|---|",

@@ -96,8 +96,8 @@ def detection_options(func: Callable) -> Callable:
         click.option("--max-peaks", type=int, help="At most this many peaks per pattern."),
         click.option(
             "--subpixel",
-            type=click.Choice(["none", "parabolic", "dft"]),
-            help="Subpixel refinement.",
+            type=click.Choice(["none", "parabolic", "dft", "gaussian"]),
+            help="Subpixel refinement [default: dft for correlation, gaussian for fcunet].",
         ),
         click.option("--upsample", type=int, help="Upsampling factor of the DFT refinement."),
         click.option(

@@ -2,10 +2,10 @@
 
 The network (:mod:`stemforge.models.fcunet`, from the zoo) maps a pattern and the vacuum
 probe to an image with a sharp peak at every Bragg position; peaks are then picked and
-refined by the same code as correlation maxima (:func:`~stemforge.infer.disks.find_peaks`,
-parabolic or local-DFT refinement), so the output is the same table: raw detector pixels
-along axes -2 and -1, intensity = predicted peak height (a |V_g|-like structure factor
-relative to the central beam).
+refined by the same code as correlation maxima (:func:`~stemforge.infer.disks.find_peaks`;
+by default a Gaussian through each maximum, the shape the network draws), so the output
+is the same table: raw detector pixels along axes -2 and -1, intensity = predicted peak
+height (a |V_g|-like structure factor relative to the central beam).
 
 Inputs go through :func:`~stemforge.datasets.datamodule.normalize_inputs`, the function
 the model was trained with; a model recorded with another normalisation is refused.
@@ -25,6 +25,7 @@ from stemforge.infer.disks import (
     DetectionParams,
     find_peaks,
     refine_dft,
+    refine_gaussian,
     refine_parabolic,
     stream_peaks,
 )
@@ -101,11 +102,15 @@ def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _B
 
 
 def peaks_from_prediction(prediction: np.ndarray, params: DetectionParams) -> list[np.ndarray]:
-    """Peaks of predicted images, picked and refined as correlation maxima are."""
+    """Peaks of predicted images, picked as correlation maxima are; refined by default as
+    the Gaussians the network draws (``subpixel="gaussian"``)."""
     peaks = find_peaks(prediction, params)
-    if params.subpixel == "parabolic":
+    subpixel = params.subpixel or "gaussian"
+    if subpixel == "gaussian":
+        return refine_gaussian(prediction, peaks)
+    if subpixel == "parabolic":
         return refine_parabolic(prediction, peaks)
-    if params.subpixel == "dft":
+    if subpixel == "dft":
         from scipy import fft
 
         return refine_dft(fft.rfft2(prediction), prediction.shape[1:], peaks, params.upsample)

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import fft, ndimage
 
 from stemforge.core.errors import ConfigurationError, InvalidDataError, ShapeError
+from stemforge.simulate.labels import render_target
 from stemforge.simulate.sample import Sample
 
 # Pixels (summed over the patterns of a chunk) that affine_distort resamples at once:
@@ -439,7 +440,7 @@ def affine_distort(
         ``'interpolate'`` (for patterns and probes): each output pixel averages bilinear
         reads of the input at the pre-images of a 2×2 sub-grid — smooth, never negative,
         no ringing between disks; the total is kept to ~1e-4 (exactly for pure shifts).
-        ``'splat'`` (for sparse peak images such as the FCU-Net target): each input pixel
+        ``'splat'`` (for sparse images of points): each input pixel
         is pushed bilinearly onto the output grid — every peak keeps its intensity and
         its centroid lands exactly on its moved label, but smooth images would show moiré.
 
@@ -511,6 +512,38 @@ def affine_distort(
         matrix=m[0] if single else m,
     )
     return _finish(out, single, _out_dtype(arr)), labels
+
+
+def moved_target(
+    target: np.ndarray,
+    peaks: np.ndarray,
+    moved: np.ndarray,
+    geometry: Mapping[str, Any],
+    shift: Any,
+) -> np.ndarray:
+    """The FCU-Net target after :func:`affine_distort`: Gaussians redrawn at the moved labels.
+
+    Splatting a sampled Gaussian of 0.75 px moves its maximum by up to 0.1 px with the
+    sub-pixel shift and the ellipse (widening it by the shift's phase), and a network
+    trained on that learns the error; redrawn, every peak stays the exact image of its
+    reflection. The peak table lists only reflections centred on the detector, so the
+    rest of ``target`` (tails of reflections just off it) is splatted.
+
+    Parameters
+    ----------
+    target
+        ``(Qx, Qx)`` image of :func:`~stemforge.simulate.labels.render_target` Gaussians of
+        height ``sqrt(intensity_kinematic)`` at the ``peaks``.
+    peaks, moved
+        The peak table before and after the distortion (same rows).
+    geometry, shift
+        The distortion, as passed to :func:`affine_distort`.
+    """
+    n = target.shape[-1]
+    heights = np.sqrt(peaks["intensity_kinematic"])
+    listed = render_target(np.stack([peaks["qx"], peaks["qy"]], axis=1), heights, n)
+    rest, _ = affine_distort(target - listed, **geometry, shift=shift, resample="splat")
+    return render_target(np.stack([moved["qx"], moved["qy"]], axis=1), heights, n) + rest
 
 
 # ---- the composable augmenter -------------------------------------------------------------
@@ -681,7 +714,7 @@ class Augmenter:
             p = params["affine"]
             geometry = {k: p[k] for k in ("ellipticity", "ellipse_angle", "rotation")}
             cbed, labels = affine_distort(cbed, **geometry, shift=p["shift"], peaks=peaks)
-            target, _ = affine_distort(target, **geometry, shift=p["shift"], resample="splat")
+            target = moved_target(target, peaks, labels.peaks, geometry, p["shift"])
             probe, _ = affine_distort(probe, ellipticity=p["ellipticity"], ellipse_angle=p["ellipse_angle"])
             inside = (
                 (labels.peaks["qx"] >= -0.5)
