@@ -23,6 +23,7 @@ from stemforge.core.errors import ConfigurationError, ShapeError
 from stemforge.infer.checkpoint import BlockCheckpoint
 from stemforge.infer.disks import (
     DetectionParams,
+    _inside_edge,
     find_peaks,
     refine_dft,
     refine_gaussian,
@@ -101,6 +102,17 @@ def predict(model: Any, patterns: np.ndarray, probe: np.ndarray, batch: int = _B
     return out
 
 
+def shift_whole_pixels(patterns: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each ``(Qx, Qy)`` pattern of a stack moved by its integer ``(sx, sy)``; zeros enter."""
+    moved = np.zeros_like(np.asarray(patterns))
+    nx, ny = moved.shape[1:]
+    for k, (sx, sy) in enumerate(np.asarray(shifts, dtype=np.int64)):
+        moved[k, max(sx, 0) : nx + min(sx, 0), max(sy, 0) : ny + min(sy, 0)] = patterns[
+            k, max(-sx, 0) : nx + min(-sx, 0), max(-sy, 0) : ny + min(-sy, 0)
+        ]
+    return moved
+
+
 def peaks_from_prediction(prediction: np.ndarray, params: DetectionParams) -> list[np.ndarray]:
     """Peaks of predicted images, picked as correlation maxima are; refined by default as
     the Gaussians the network draws (``subpixel="gaussian"``)."""
@@ -129,6 +141,11 @@ def find_bragg_disks_fcunet(
 ) -> BraggPeaks:
     """FCU-Net disk detection over a datacube, block by block of scan rows.
 
+    Where the datacube's calibration has an origin (``stemforge calibrate``), every pattern
+    is first moved by whole pixels so that its central beam lies within a pixel of the
+    detector centre, where the probe is: the network was trained on origins within ±1 px
+    of the probe and loses the lattice beyond ~1.5 px (benchmarks/fcunet_accuracy.py,
+    origin-offset table); peaks are reported in the raw detector frame.
     ``params`` as for correlation; unset ``min_spacing`` and ``edge`` default to the probe
     radius, as there. ``max_bytes``, ``scheduler`` and ``checkpoint`` as for
     :func:`~stemforge.infer.disks.stream_peaks` (the network travels to each worker).
@@ -139,9 +156,26 @@ def find_bragg_disks_fcunet(
             "record the vacuum probe with the same detector binning and cropping as the data",
         )
     params = (params or DetectionParams()).resolved(estimate_probe_radius(probe))
+    calibration = cube.calibration
+    origins = (
+        np.stack(calibration.origin_array(cube.scan_shape), axis=-1).reshape(-1, 2)
+        if calibration is not None and calibration.has_origin
+        else None
+    )
+    centre = np.array(cube.detector_shape) // 2
 
     def detect(stack: np.ndarray, start: int) -> list[np.ndarray]:
-        return peaks_from_prediction(predict(model, stack, probe), params)
+        if origins is None:
+            return peaks_from_prediction(predict(model, stack, probe), params)
+        # toward the probe by whole pixels, leaving less than 1 px: the offsets the network
+        # was trained on (counting noise stays as it was, unlike after resampling)
+        shifts = np.fix(centre - origins[start : start + len(stack)]).astype(np.int64)
+        tables = peaks_from_prediction(
+            predict(model, shift_whole_pixels(stack, shifts), probe), params
+        )
+        tables = [t - np.array([sx, sy, 0.0]) for t, (sx, sy) in zip(tables, shifts, strict=True)]
+        shape = cube.detector_shape
+        return [t[_inside_edge(t[:, 0], t[:, 1], shape, params.edge)] for t in tables]
 
     return stream_peaks(
         cube, detect, max_bytes, "FCU-Net disks", scheduler=scheduler, checkpoint=checkpoint
