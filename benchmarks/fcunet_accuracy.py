@@ -166,17 +166,35 @@ def recorded(metadata: dict[str, Any], *keys: str) -> Any:
 
 
 def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tuple[str, set[str]]:
-    """The training set's folders (as given or recorded by the model) and their structure ids."""
-    from stemforge.datasets.shards import open_dataset
+    """The training set's folders (as given or recorded by the model) and their structure ids.
 
+    Without ``--train-data`` the ids come from the model's record of its datasets: the ids
+    it lists, else the folders if they are at hand, else the structures that the recorded
+    simulation configs plan (the factory's plan is a function of the config and seed).
+    """
+    from stemforge.datasets.shards import open_dataset
+    from stemforge.simulate.factory import plan_tasks
+
+    if train_data == "none":
+        return "none", set()
+    datasets = recorded(metadata, "data", "datasets") or []
+    if train_data is None and datasets:
+        names = ", ".join(str(d["path"]) for d in datasets)
+        ids: set[str] = set()
+        for dataset in datasets:
+            if "structure_ids" in dataset:
+                ids.update(dataset["structure_ids"])
+            elif Path(dataset["path"]).is_dir():
+                ids.update(str(i) for i in open_dataset(dataset["path"]).column("structure_id") if i)
+            else:
+                ids.update(task.structure_id for task in plan_tasks(dataset["config"]))
+        return names, ids
     folders = train_data or recorded(metadata, "data", "path")
     if folders is None:
         raise SystemExit(
             "the model records no training set: give --train-data DIR (its dataset folder), "
             "or --train-data none to test without excluding its structures"
         )
-    if folders == "none":
-        return "none", set()
     folders = [folders] if isinstance(folders, str) else list(folders)
     ids = {str(i) for f in folders for i in open_dataset(f).column("structure_id") if i}
     return ", ".join(str(f) for f in folders), ids

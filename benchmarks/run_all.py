@@ -86,6 +86,12 @@ BENCHMARKS = {
     "fcunet-strain": Benchmark(
         "fcunet_strain.py", "FCU-Net vs correlation strain RMSE at 40 nm", ("fcunet-strain",)
     ),
+    "fcunet-throughput": Benchmark(
+        "fcunet_throughput.py",
+        "FCU-Net patterns/s by device and batch (the CPU; a GPU where present)",
+        ("fcunet-throughput",),
+        quick=("--dry-run", "--n", "32", "--n-cpu", "32"),
+    ),
     "identify": Benchmark(
         "identify_accuracy.py",
         "crystal identification accuracy vs the published random forest",

@@ -347,6 +347,8 @@ def train(cfg: Any) -> dict[str, float | None]:
                 "seed": store.seed,
                 "shape": list(datamodule.pattern_shape),
                 "config": store.config,
+                # lets benchmarks hold these structures out without the data at hand
+                "structure_ids": sorted({str(i) for i in store.column("structure_id") if i}),
             }
             for path, store in zip(datamodule.paths, datamodule.stores, strict=True)
         ]
