@@ -33,6 +33,7 @@ from stemforge.datasets.datamodule import (
     normalize_target,
     structure_factor_image,
 )
+from stemforge.datasets.shards import open_dataset
 from stemforge.datasets.torch_dataset import ShardDataset
 from stemforge.models.fcunet import FCUNet
 from stemforge.models.unet import UNet
@@ -486,6 +487,9 @@ def test_training_lowers_val_loss_logs_csv_and_exports_the_best_weights(dataset,
         and meta["data"]["path"] == str(dataset)
         and meta["data"]["datasets"][0]["shape"] == [32, 32]
     )
+    # the structures it saw, so that benchmarks can hold them out without the data
+    ids = {str(i) for i in open_dataset(dataset).column("structure_id")}
+    assert meta["data"]["datasets"][0]["structure_ids"] == sorted(ids) and len(ids) > 1
     assert meta["metrics"]["val/loss"] == pytest.approx(
         min(val), rel=1e-6
     )  # the exported weights are the best
