@@ -144,8 +144,8 @@ def render(rows: list[dict], info: dict) -> str:
         "## Bragg disk detection and strain: stemforge vs py4DSTEM",
         "",
         f"Measured by `python benchmarks/disks_vs_py4dstem.py` on {info['machine']}, one process. "
-        f"Data: the factory's `sige_strain_scan` ({info['shape']}, Si/SiGe multilayer on Si, [110], "
-        "20 nm, 300 kV, 2 mrad; truth e_xx 0 / 1.48 / 2.58 %), the factory's vacuum probe. "
+        f"Data: the factory's `sige_strain_scan` ({info['shape']}, Si/SiGe multilayer on Si, "
+        "virtual-crystal SiGe layers, [110], 20 nm, 300 kV, 2 mrad; truth e_xx 0 / 1.48 / 2.58 %), the factory's vacuum probe. "
         "Strain for every peak table by stemforge's lattice fit (automatic basis, reference = "
         "Si substrate rows), RMSE against the truth over valid positions. py4DSTEM 0.14.18 in "
         "its own venv, same file; *scaled*: minPeakSpacing and edgeBoundary set to the probe "

@@ -59,19 +59,23 @@ def build_patterns(config: dict[str, Any]) -> Path:
     )
 
 
-def _silicon_cell(a: float):  # noqa: ANN202 - pymatgen Structure
-    """Diamond-structure conventional cell of lattice parameter ``a`` (Å)."""
+def diamond_cell(material: Any):  # noqa: ANN202 - pymatgen Structure
+    """Diamond-structure conventional cell of a :class:`~stemforge.simulate.strain.Material`:
+    its relaxed lattice parameter, every site holding its composition (an alloy's sites are
+    mixed: a virtual crystal, :mod:`~stemforge.simulate.virtual_crystal`)."""
     from pymatgen.core import Lattice, Structure
 
-    return Structure.from_spacegroup("Fd-3m", Lattice.cubic(a), ["Si"], [[0.0, 0.0, 0.0]])
+    species = {element: fraction for element, fraction in material.composition}
+    return Structure.from_spacegroup("Fd-3m", Lattice.cubic(material.a), [species], [[0.0, 0.0, 0.0]])
 
 
 def build_strain_scan(config: dict[str, Any]) -> Path:
     """The Si/SiGe multilayer strain benchmark: ``scan.h5`` (EMD 1.0) and ``truth.h5``.
 
-    Every layer is simulated once (virtual crystal: silicon atoms on the SiGe lattice, so
-    the geometry, which strain mapping measures, is exact), viewed along ``zone_axis`` with
-    the growth direction [001] along scan and detector x.
+    Every layer is simulated once, as a virtual crystal (each site scatters as the mean of
+    Si and Ge at the layer's composition, so the SiGe disks differ from the Si reference's
+    as a real alloy's do, while the geometry, which strain mapping measures, stays exact),
+    viewed along ``zone_axis`` with the growth direction [001] along scan and detector x.
     """
     from stemforge.core.progress import track
     from stemforge.datasets.io import write_datacube
@@ -91,7 +95,7 @@ def build_strain_scan(config: dict[str, Any]) -> Path:
     def simulate_fn(strain: np.ndarray, material: Any) -> np.ndarray:
         calls.append(material.name)
         sample = simulate_patterns(
-            _silicon_cell(material.a),
+            diamond_cell(material),
             tuple(config["zone_axis"]),
             thicknesses=[thickness],
             energy=float(micro["energy"]),

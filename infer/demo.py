@@ -162,10 +162,10 @@ def run_strain_demo(
     summary: dict[str, Any] = {
         "datacube": "×".join(map(str, cube.shape)),
         "sample": (
-            f"Si/SiGe multilayer ({layers} layers, pseudomorphic) on a Si substrate, "
+            f"Si/SiGe multilayer ({layers} layers, pseudomorphic, virtual crystals) on a Si substrate, "
             f"zone axis {list(config.zone_axis)}, {thickness / 10:g} nm thick, "
             f"{float(micro.energy) / 1e3:g} kV, {float(micro.semiangle):g} mrad, "
-            f"scan step {float(config.scan_step):g} Å, abTEM multislice, noise-free"
+            f"scan step {float(config.scan_step):g} Å, multislice ({config.engine} engine), noise-free"
         ),
         "thickness (nm)": thickness / 10,
         "reference lattice": f"median of the Si substrate, scan rows {rows[0]}–{rows[1] - 1}",

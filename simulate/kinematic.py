@@ -42,6 +42,7 @@ import numpy as np
 from stemforge.core.errors import ConfigurationError
 from stemforge.core.units import electron_wavelength
 from stemforge.simulate.labels import potential_coefficients
+from stemforge.simulate.virtual_crystal import site_arrays, species_weights
 
 #: Default relative cut: spots weaker than this fraction of the strongest are dropped.
 MIN_RELATIVE_INTENSITY = 1e-4
@@ -103,10 +104,13 @@ def reciprocal_lattice(
     inside = (length <= q_max) & (length > 0)
     hkl, g, length = hkl[inside], g[inside], length[inside]
 
-    numbers = np.array([site.specie.Z for site in structure])
     phase = np.asarray(structure.frac_coords, float) @ hkl.T
     vg = potential_coefficients(
-        numbers, phase, length**2, parametrization, abs(np.linalg.det(lattice))
+        species_weights(*site_arrays(structure)),
+        phase,
+        length**2,
+        parametrization,
+        abs(np.linalg.det(lattice)),
     )
     amplitude = np.abs(vg)
     allowed = amplitude > 1e-6 * max(amplitude.max(initial=0.0), 1e-30)

@@ -34,6 +34,7 @@ from stemforge.simulate.multislice import DetectorGrid
 from stemforge.simulate.orientation import quiet_spglib
 from stemforge.simulate.sample import PEAK_DTYPE
 from stemforge.simulate.structures.record import crystal_system_of
+from stemforge.simulate.virtual_crystal import atoms_species, site_types
 
 #: Width (pixels) of the Gaussian peaks of the target image.
 TARGET_SIGMA = 0.75
@@ -45,7 +46,7 @@ def crystal_metadata(structure, symprec: float = 1e-3) -> dict[str, Any]:
     """Formula, space group (spglib), crystal system and conventional lattice of a structure."""
     import spglib
 
-    cell = (structure.lattice.matrix, structure.frac_coords, [site.specie.Z for site in structure])
+    cell = (structure.lattice.matrix, structure.frac_coords, site_types(structure))
     with quiet_spglib():
         dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
     number = int(dataset.number)
@@ -134,7 +135,7 @@ def zolz_reflections(
 
 
 def potential_coefficients(
-    numbers: np.ndarray,
+    species: list[tuple[int, np.ndarray]],
     phase: np.ndarray,
     g2: np.ndarray,
     parametrization: Any,
@@ -145,8 +146,10 @@ def potential_coefficients(
 
     Parameters
     ----------
-    numbers
-        ``(N,)`` atomic numbers.
+    species
+        ``(Z, (N,) weight per atom)`` of every species
+        (:func:`~stemforge.simulate.virtual_crystal.species_weights`: 1 on ordered sites,
+        occupancies on mixed ones).
     phase
         ``(N, M)`` ``g·r_j`` of every atom and reflection (Cartesian or ``hkl·x`` fractional).
     g2
@@ -160,14 +163,14 @@ def potential_coefficients(
         rms displacement (Å) per atomic number for the Debye–Waller factor; None: static.
     """
     out = np.zeros(len(g2), complex)
-    for number in np.unique(numbers):
-        mask = numbers == number
+    for number, weight in species:
+        mask = weight > 0
         form = np.asarray(
-            parametrization.projected_scattering_factor(int(number))(g2.astype(np.float32)), float
+            parametrization.projected_scattering_factor(number)(g2.astype(np.float32)), float
         )
         if sigma is not None:
-            form = form * np.exp(-2 * np.pi**2 * sigma.get(int(number), 0.0) ** 2 * g2)
-        out += form * np.exp(-2j * np.pi * phase[mask]).sum(axis=0)
+            form = form * np.exp(-2 * np.pi**2 * sigma.get(number, 0.0) ** 2 * g2)
+        out += form * (weight[mask, None] * np.exp(-2j * np.pi * phase[mask])).sum(axis=0)
     return out / volume
 
 
@@ -189,7 +192,7 @@ def structure_factors(
             for n in np.unique(atoms.numbers)
         }
     return potential_coefficients(
-        atoms.numbers,
+        atoms_species(atoms),
         atoms.positions[:, :2] @ g.T,
         np.sum(g**2, axis=1),
         parametrization,

@@ -39,6 +39,7 @@ from ase import Atoms
 
 from stemforge.core.errors import ConfigurationError
 from stemforge.core.units import electron_wavelength
+from stemforge.simulate.virtual_crystal import atoms_species, is_virtual
 
 #: Antialiasing cutoff as a fraction of the Nyquist frequency, and the taper width in units of
 #: the grid's Nyquist period, as abTEM uses them.
@@ -259,7 +260,8 @@ def slice_potentials(
     Each atom's infinitely projected potential goes wholly into the slice holding its
     centre. Fourier coefficients are exact:
     ``V_s(k) = (1/A) Σ_j f_j(|k|) exp(-2πi k·r_j)`` over the atoms of slice ``s``, with
-    ``f`` the projected scattering factor (V·Å³) and ``A`` the cell area.
+    ``f`` the projected scattering factor (V·Å³) and ``A`` the cell area; a mixed site's
+    ``f`` is the occupancy-weighted mean of its species' (virtual crystal).
 
     Returns
     -------
@@ -275,21 +277,24 @@ def slice_potentials(
     area = abs(np.linalg.det(cell))
     p = np.fft.fftfreq(gpts[0], 1.0 / gpts[0])
     q = np.fft.fftfreq(gpts[1], 1.0 / gpts[1])
-    factors = {
-        number: np.asarray(
-            parametrization.projected_scattering_factor(int(number))(k2.astype(np.float32)), float
+    species = [
+        (
+            weight,
+            np.asarray(
+                parametrization.projected_scattering_factor(number)(k2.astype(np.float32)), float
+            ),
         )
-        for number in np.unique(atoms.numbers)
-    }
+        for number, weight in atoms_species(atoms)
+    ]
     out = np.zeros((n_slices, *gpts))
     for s in range(n_slices):
         spectrum = np.zeros(gpts, complex)
-        for number, factor in factors.items():
-            mask = (index == s) & (atoms.numbers == number)
+        for weight, factor in species:
+            mask = (index == s) & (weight > 0)
             if not mask.any():
                 continue
             # exp(-2πi (p s1 + q s2)) factorises: the structure factor is one complex GEMM.
-            e1 = np.exp(-2j * np.pi * frac[mask, 0, None] * p[None, :])
+            e1 = weight[mask, None] * np.exp(-2j * np.pi * frac[mask, 0, None] * p[None, :])
             e2 = np.exp(-2j * np.pi * frac[mask, 1, None] * q[None, :])
             spectrum += factor * (e1.T @ e2)
         out[s] = np.fft.ifft2(spectrum).real * (gpts[0] * gpts[1] / area)
@@ -617,18 +622,24 @@ def displaced(atoms: Atoms, sigma: float | dict[str, float], rng: np.random.Gene
 ENGINES = ("abtem", "fast")
 
 
-def engine_for(grid: SimulationGrid, engine: str, mistilt: tuple[float, float] | None) -> str:
+def engine_for(
+    grid: SimulationGrid,
+    engine: str,
+    mistilt: tuple[float, float] | None,
+    virtual: bool = False,
+) -> str:
     """The engine that runs a simulation: ``engine``, or "fast" where abTEM cannot.
 
     abTEM builds potentials on orthogonal cells, so a cell sheared or rotated in-plane (by an
     applied strain) runs on the fast engine; so does a specimen mistilt, which the fast engine
-    applies in the propagator (abTEM's tilt belongs to the beam).
+    applies in the propagator (abTEM's tilt belongs to the beam), and a cell with mixed
+    (``virtual``) sites, whose mean potentials abTEM's atoms cannot carry.
     """
     if engine not in ENGINES:
         raise ConfigurationError(
             f"engine must be one of {', '.join(ENGINES)}, got {engine!r}", "use 'abtem'"
         )
-    if engine == "abtem" and (not grid.is_rectangular or any(mistilt or ())):
+    if engine == "abtem" and (virtual or not grid.is_rectangular or any(mistilt or ())):
         return "fast"
     return engine
 
@@ -982,7 +993,7 @@ def simulate_cbed(
             f"the probe ({semiangle} mrad) is larger than the detector reaches",
             "raise q_max or q_pixel_size, or lower the semiangle",
         )
-    engine = engine_for(grid, engine, mistilt)
+    engine = engine_for(grid, engine, mistilt, is_virtual(atoms))
     counts = np.maximum(1, np.rint(thicknesses / grid.slice_thickness).astype(int))
     exits = sorted(set(counts.tolist()))
     common = dict(

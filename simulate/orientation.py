@@ -33,6 +33,7 @@ import numpy as np
 from ase import Atoms
 
 from stemforge.core.errors import ConfigurationError
+from stemforge.simulate.virtual_crystal import mix, site_arrays, site_types
 
 #: Default bound on the residual strain of the periodic approximation.
 MAX_RESIDUAL_STRAIN = 0.01
@@ -101,13 +102,12 @@ def conventional_standard_structure(structure, symprec: float = 1e-3):
 
 
 def structure_to_atoms(structure) -> Atoms:
-    """pymatgen ``Structure`` → ase ``Atoms`` with the same cell and Cartesian positions."""
-    return Atoms(
-        numbers=[site.specie.Z for site in structure],
-        positions=structure.cart_coords,
-        cell=structure.lattice.matrix,
-        pbc=True,
-    )
+    """pymatgen ``Structure`` → ase ``Atoms`` with the same cell and Cartesian positions; a
+    site of two species (an alloy) becomes a virtual-crystal site
+    (:mod:`~stemforge.simulate.virtual_crystal`)."""
+    first, second, fraction = site_arrays(structure)
+    atoms = Atoms(numbers=first, positions=structure.cart_coords, cell=structure.lattice.matrix, pbc=True)
+    return mix(atoms, second, fraction)
 
 
 # ---- geometry kernels ---------------------------------------------------------------------
@@ -349,7 +349,7 @@ def point_group(structure, symprec: float = 1e-3) -> np.ndarray:
     point group, proper and improper."""
     import spglib
 
-    cell = (structure.lattice.matrix, structure.frac_coords, [s.specie.Z for s in structure])
+    cell = (structure.lattice.matrix, structure.frac_coords, site_types(structure))
     with quiet_spglib():
         symmetry = spglib.get_symmetry(cell, symprec=symprec)
     return np.unique(symmetry["rotations"], axis=0)

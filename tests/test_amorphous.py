@@ -255,13 +255,14 @@ def _simulate(atoms, positions):
 @pytest.fixture(scope="module")
 def scan(packing):
     """(cube, truth): rows 0-3 crystalline Si, rows 4-7 amorphous; truth True = amorphous."""
-    from stemforge.datasets.factory import _silicon_cell
+    from stemforge.datasets.factory import diamond_cell
     from stemforge.simulate.pattern import simulate_patterns
+    from stemforge.simulate.strain import SILICON
 
     crystal = []
     for axis in ((1, 1, 0), (0, 0, 1)):
         samples = simulate_patterns(
-            _silicon_cell(5.431),
+            diamond_cell(SILICON),
             axis,
             thicknesses=[40.0, 100.0],
             energy=ENERGY,

@@ -124,37 +124,41 @@ def test_demo_on_real_precession_data(tmp_path):
     assert bf.shape == (3, 2) and np.all(bf > 0)
     # part two: the simulated 40 nm (thick: dynamical contrast fills the disks unevenly)
     # Si/SiGe multilayer mapped twice, by correlation and by the shipped FCU-Net, against
-    # the truth. |g_x| of the basis is ~18 px here, so 0.05 % in e_xx is a ~0.01-0.03 px
-    # bias of the fitted disk positions: what correlation reaches (0.014 % at 10 nm, 0.023 %
-    # at 40 nm). Every position of a material shows the same noise-free pattern, so the
-    # errors are per-material biases, not noise that averages out.
+    # the truth. Every position of a material shows the same noise-free pattern, so the
+    # errors are per-material biases, not noise that averages out. The SiGe layers scatter
+    # as Si/Ge virtual crystals: their disks' dynamical structure differs from the Si
+    # reference's, and correlation, which centres the intensity inside a disk, is biased by
+    # it: measured e_xx -0.03 / -0.23 % and e_yy +0.25 / -0.51 % on Si0.80Ge0.20 /
+    # Si0.65Ge0.35 (|g| ~18-25 px: 0.05-0.1 px per disk), RMSE e_xx 0.114 %, e_yy 0.28 %.
     strain = summary["strain of a simulated Si/SiGe multilayer"]
     assert strain["thickness (nm)"] == 40.0
     assert strain["valid lattice fits"] == "240 of 240"
     rmse = strain["strain RMSE against truth (%)"]
-    assert rmse["e_xx"] < 0.05
+    assert rmse["e_xx"] < 0.2 and rmse["e_yy"] < 0.4
     # no shear and no rotation anywhere; the [110] pattern is mirror-symmetric about x, so
-    # a symmetric detector finds none: e_xy and θ vanish to rounding, e_yy (in-plane, fixed
-    # by the pseudomorphic growth) stays within a few 0.01 px
-    assert rmse["e_yy"] < 0.02 and rmse["e_xy"] < 0.005
-    assert strain["rotation RMSE against truth (mrad)"] < 0.05
+    # a symmetric detector finds none: e_xy and θ stay at rounding (0.0045 %, 0.075 mrad)
+    assert rmse["e_xy"] < 0.01
+    assert strain["rotation RMSE against truth (mrad)"] < 0.15
     # FCU-Net, the zoo's embedded model (trained up to 40 nm at 0.02 Å⁻¹ per pixel, used
-    # here at 0.01), measured: e_xx 0.046 %, e_yy 0.007 %, e_xy 0.009 %, θ 0.08 mrad (0.050 /
-    # 0.006 / 0.031 %, 0.12 mrad at 10 nm). e_xx within ~2× that, still under the ~0.14 % one
-    # fit would allow with its benchmark per-peak error (~0.15 px / (18 px · √36 index²)) and
-    # far below the 1.1 % step between the two SiGe layers; the zero components within ~2-4×
-    # the worst measured. A failed detection or a wrong basis gives errors of ~1 % or mrad.
+    # here at 0.01), draws the kinematic peaks whatever fills the disks; measured: e_xx
+    # 0.034 %, e_yy 0.066 %, e_xy 0.031 %, θ 0.18 mrad. e_xx within ~3× that, still under the
+    # ~0.14 % one fit would allow with its benchmark per-peak error (~0.15 px / (18 px ·
+    # √36 index²)) and far below the 1.1 % step between the two SiGe layers; the zero
+    # components within ~2× the worst measured. A failed detection or a wrong basis gives
+    # errors of ~1 % or mrad.
     fc = strain["FCU-Net"]
     assert fc["model"].startswith("fcunet@")
     assert fc["valid lattice fits"] == "240 of 240"
     assert fc["peaks per pattern"] >= 9  # the 2 basis vectors need ≥ 5 indexed peaks
     fc_rmse = fc["strain RMSE against truth (%)"]
     assert fc_rmse["e_xx"] < 0.1
-    assert fc_rmse["e_yy"] < 0.02 and fc_rmse["e_xy"] < 0.05
-    assert fc["rotation RMSE against truth (mrad)"] < 0.3
-    # per layer: the mean e_xx of every material within 0.05 % (correlation) and 0.15 %
-    # (FCU-Net, measured worst 0.087 % on Si0.65Ge0.35) of the truth (0, 1.48, 2.58 %)
-    for scores, tolerance in ((strain, 0.05), (fc, 0.15)):
+    assert fc_rmse["e_yy"] < 0.15 and fc_rmse["e_xy"] < 0.06
+    assert fc["rotation RMSE against truth (mrad)"] < 0.35
+    # what FCU-Net is for: its worst component well below correlation's (measured 4.3×)
+    assert max(fc_rmse.values()) < max(rmse.values()) / 2
+    # per layer: the mean e_xx of every material within 0.35 % (correlation, measured worst
+    # -0.23 %) and 0.15 % (FCU-Net, measured worst -0.07 %) of the truth (0, 1.48, 2.58 %)
+    for scores, tolerance in ((strain, 0.35), (fc, 0.15)):
         layers = scores["layers"]
         assert len(layers) == 3
         for layer in layers.values():
