@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def factory_patterns(folder: Path, n: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+def factory_patterns(folder: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``(n, 128, 128)`` noisy patterns tiled from 64 simulated ones, and their probe."""
     from stemforge.datasets.commands import compose_config
     from stemforge.datasets.factory import run_factory
@@ -63,7 +63,6 @@ def factory_patterns(folder: Path, n: int, device: str) -> tuple[np.ndarray, np.
         "structures.source=random_crystals",
         "thickness.max=800",
         "engine=fast",
-        f"device={'gpu' if device.startswith('cuda') else 'cpu'}",
     ]
     run_factory(compose_config("fcunet_small", overrides))
     store = open_dataset(folder)
@@ -201,11 +200,8 @@ def main() -> None:
         import torch
 
         options.devices = "cuda,cpu" if torch.cuda.is_available() else "cpu"
-    first = options.devices.split(",")[-1]
     with tempfile.TemporaryDirectory() as folder:
-        patterns, probe = factory_patterns(
-            Path(folder) / "set", max(options.n, options.n_cpu), first
-        )
+        patterns, probe = factory_patterns(Path(folder) / "set", max(options.n, options.n_cpu))
     rows = measure(options, patterns, probe)
     section = render(rows, shlex.join(["python", *sys.argv]))
     print(section)
