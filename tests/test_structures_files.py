@@ -93,13 +93,23 @@ def test_errors(tmp_path):
         get_structure("file:nothing-00000000")
 
 
-def test_disordered_structures_are_refused(tmp_path):
-    cif = tmp_path / "disordered.cif"
-    cif.write_text(
+def _cif(path, sites: str):
+    path.write_text(
         "data_x\n_cell_length_a 4\n_cell_length_b 4\n_cell_length_c 4\n_cell_angle_alpha 90\n"
         "_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'P 1'\n"
         "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
-        "_atom_site_fract_z\n_atom_site_occupancy\nFe1 Fe 0 0 0 0.5\nNi1 Ni 0 0 0 0.5\n"
+        "_atom_site_fract_z\n_atom_site_occupancy\n" + sites
     )
-    with pytest.raises(InvalidDataError, match="partial occupancies"):
-        read_structure_file(cif)
+    return path
+
+
+def test_a_binary_alloy_site_reads_as_a_virtual_crystal_and_vacancies_are_refused(tmp_path):
+    alloy = read_structure_file(
+        _cif(tmp_path / "alloy.cif", "Fe1 Fe 0 0 0 0.5\nNi1 Ni 0 0 0 0.5\n")
+    )
+    assert alloy.provenance["virtual_crystal"] and alloy.provenance["space_group_number"] == 221
+    vacant = _cif(tmp_path / "vacant.cif", "Fe1 Fe 0 0 0 0.5\nNi1 Ni 0 0 0 0.3\n")
+    with pytest.raises(
+        InvalidDataError, match="partial occupancies the virtual crystal cannot use"
+    ):
+        read_structure_file(vacant)

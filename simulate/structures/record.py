@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stemforge.core.errors import ConfigurationError, InvalidDataError
+from stemforge.simulate.virtual_crystal import site_arrays
 
 if TYPE_CHECKING:
     from pymatgen.core import Structure
@@ -133,24 +134,32 @@ def standardized_record(
     structure_id
         The id of the new record.
     structure
-        Any ordered periodic structure.
+        Any periodic structure whose sites hold one species, or two that share a fully
+        occupied site (an alloy, simulated as a virtual crystal: provenance
+        ``virtual_crystal``).
     provenance
         Source-specific provenance; the symmetry keys are added to a copy of it.
 
     Raises
     ------
     InvalidDataError
-        If the structure has partial occupancies or spglib finds no symmetry for it.
+        If a site holds more than two species or is not fully occupied, or spglib finds no
+        symmetry for the structure.
     """
     import spglib
     from pymatgen.core import __version__ as pymatgen_version
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     if not structure.is_ordered:
-        raise InvalidDataError(
-            f"structure {structure_id} has partial occupancies, which a multislice simulation cannot use",
-            "order it first, e.g. with pymatgen's OrderDisorderedStructureTransformation, and save the ordered cell",
-        )
+        try:
+            site_arrays(structure)
+        except ConfigurationError as exc:
+            raise InvalidDataError(
+                f"structure {structure_id} has partial occupancies the virtual crystal cannot "
+                f"use ({exc.problem})",
+                "keep one or two species on each fully occupied site, or order the cell, e.g. "
+                "with pymatgen's OrderDisorderedStructureTransformation",
+            ) from None
     try:
         with warnings.catch_warnings():
             # spglib >= 2.5 warns on every call pymatgen makes the old way; nothing to act on here
@@ -176,5 +185,6 @@ def standardized_record(
         "n_atoms": len(conventional),
         "spglib_version": spglib.__version__,
         "pymatgen_version": pymatgen_version,
+        "virtual_crystal": not structure.is_ordered,
     }
     return StructureRecord(structure_id, conventional, {**provenance, **symmetry})
