@@ -183,16 +183,17 @@ def structure_factors(
     """``V_g`` (volts, complex) of a beam-aligned cell at in-plane reciprocal vectors ``g`` (M, 2)."""
     from ase.data import chemical_symbols
 
+    species = atoms_species(atoms)
     sigma = None
     if phonon_sigma is not None:
         sigma = {
-            int(n): phonon_sigma.get(chemical_symbols[n], 0.0)
+            n: phonon_sigma.get(chemical_symbols[n], 0.0)
             if isinstance(phonon_sigma, dict)
             else phonon_sigma
-            for n in np.unique(atoms.numbers)
+            for n, _ in species
         }
     return potential_coefficients(
-        atoms_species(atoms),
+        species,
         atoms.positions[:, :2] @ g.T,
         np.sum(g**2, axis=1),
         parametrization,

@@ -47,10 +47,11 @@ def test_mixed_sites_scatter_as_the_weighted_mean_of_their_species(fraction):
     ge = si.copy()
     ge.numbers[:] = 32
     mixed = substituted(si, fraction)
-    expected = (1 - fraction) * structure_factors(si, G, LOBATO) + fraction * structure_factors(
-        ge, G, LOBATO
-    )
-    assert np.allclose(structure_factors(mixed, G, LOBATO), expected, rtol=1e-12, atol=0)
+    # static, and with each species' own Debye-Waller damping (rms displacements, Å)
+    for sigma in (None, {"Si": 0.076, "Ge": 0.085}):
+        factors = [structure_factors(a, G, LOBATO, sigma) for a in (si, ge, mixed)]
+        expected = (1 - fraction) * factors[0] + fraction * factors[1]
+        assert np.allclose(factors[2], expected, rtol=1e-12, atol=0)
 
     cell, period = np.asarray(si.cell)[:2, :2], si.cell[2, 2]
     args = (cell, period, (48, 48), 2, LOBATO)
