@@ -6,7 +6,9 @@ the virtual crystal approximation (the diffuse scattering of the disorder is lef
 ase ``Atoms`` carries a mixed site as an atom whose ``numbers`` entry is its majority
 species, with the second species' atomic number in the per-atom array :data:`SECOND_NUMBER`
 at the occupancy :data:`SECOND_FRACTION` (0 on ordered sites). The arrays travel with
-copies, repeats and slices of the ``Atoms``.
+copies, repeats and slices of the ``Atoms``. Kinematic labels damp each species by its own
+Debye-Waller factor; a frozen-phonon configuration moves a mixed site as its majority
+species.
 """
 
 from __future__ import annotations
