@@ -29,3 +29,23 @@ def test_scored_reflections_leave_out_the_central_beam_weak_and_edge_reflections
     np.testing.assert_allclose(truth, [[42.0, 32.0], [52.0, 32.0]])
     # 59 + 5 > 63.5: the 030 disk is not wholly on the detector
     np.testing.assert_allclose(ignored, [[32.0, 32.0], [32.0, 42.0], [32.0, 59.0]])
+
+
+def test_the_training_structures_come_from_the_model_record_without_the_data(benchmark, tmp_path):
+    from omegaconf import OmegaConf
+
+    from stemforge.datasets.commands import compose_config
+    from stemforge.simulate.factory import plan_tasks
+
+    config = OmegaConf.to_container(
+        compose_config("fcunet_small", [f"out={tmp_path / 'gone'}", "n_patterns=64"]), resolve=True
+    )
+    planned = {task.structure_id for task in plan_tasks(config)}
+    assert len(planned) >= 2
+    listed = {"path": "/elsewhere/b", "structure_ids": ["aflow-proto:X", "pyxtal:Y"]}
+    absent = {"path": str(tmp_path / "gone"), "config": config}  # an export before the ids
+    metadata = {"data": {"datasets": [listed, absent]}}
+    names, ids = benchmark.training_structures(None, metadata)
+    assert names == f"/elsewhere/b, {tmp_path / 'gone'}"
+    assert ids == {"aflow-proto:X", "pyxtal:Y"} | planned
+    assert benchmark.training_structures("none", metadata) == ("none", set())
