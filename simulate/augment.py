@@ -532,7 +532,7 @@ def moved_target(
     Parameters
     ----------
     target
-        ``(Qx, Qx)`` image of :func:`~stemforge.simulate.labels.render_target` Gaussians of
+        ``(Q, Q)`` image of :func:`~stemforge.simulate.labels.render_target` Gaussians of
         height ``sqrt(intensity_kinematic)`` at the ``peaks``.
     peaks, moved
         The peak table before and after the distortion (same rows).
