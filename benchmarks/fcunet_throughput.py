@@ -5,8 +5,8 @@ Patterns: a small factory set (``fcunet_small`` preset, pyxtal random crystals o
 1e5 e⁻ per pattern, tiled to ``--n`` patterns. *Network*: :func:`predict` (normalisation,
 the network, the structure-factor map, copies to and from the device) in batches of 16,
 64 and 256. *Whole detection*: :func:`find_bragg_disks_fcunet` on a datacube of the
-patterns (prediction in its default batches of 16, then peak picking and Gaussian
-refinement on the CPU). Also the GPU model of ``conf/train/model/fcunet.yaml`` (16.7 M
+patterns (prediction in its default batches: 16 on the CPU, up to 256 on a GPU as its
+memory allows; then peak picking and Gaussian refinement on the CPU). Also the GPU model of ``conf/train/model/fcunet.yaml`` (16.7 M
 parameters) at 256², random weights, network alone: its speed does not depend on them.
 Each rate is timed once after a warm-up of the same call; CPU runs use ``--cpu-threads``
 torch threads (2: the CI machine's cores).
