@@ -183,3 +183,18 @@ def test_a_calibrated_origin_centres_the_patterns_for_the_network(thick_si):
     lost = find_bragg_disks_fcunet(DataCube(stack[None]), sample.probe, network).at(0, 1)
     errors = [np.hypot(*(lost[:, :2] - peak[:2] - shift).T).min() for peak in centred[inner]]
     assert max(errors) > 0.5
+
+
+def test_gpu_batches_are_sized_to_half_the_free_memory(monkeypatch):
+    """~40 MB of activations per 128² pattern: half of the free memory over that, within
+    16..256; the CPU keeps 16 (no GPU needed: the memory query is what a GPU would answer)."""
+    from stemforge.infer.fcunet_detect import batch_size
+
+    assert batch_size("cpu", (128, 128)) == 16
+    for free, shape, expected in [
+        (4e9, (128, 128), 50),  # 2 GB / 40 MB
+        (4e9, (256, 256), 16),  # 160 MB a pattern: 12, floored at the CPU's 16
+        (100e9, (128, 128), 256),  # capped
+    ]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80e9))
+        assert batch_size("cuda", shape) == expected
