@@ -165,6 +165,13 @@ def recorded(metadata: dict[str, Any], *keys: str) -> Any:
     return metadata
 
 
+def folder_structures(folder: str | Path) -> set[str]:
+    """The structure ids of a dataset folder."""
+    from stemforge.datasets.shards import open_dataset
+
+    return {str(i) for i in open_dataset(folder).column("structure_id") if i}
+
+
 def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tuple[str, set[str]]:
     """The training set's folders (as given or recorded by the model) and their structure ids.
 
@@ -172,7 +179,6 @@ def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tup
     it lists, else the folders if they are at hand, else the structures that the recorded
     simulation configs plan (the factory's plan is a function of the config and seed).
     """
-    from stemforge.datasets.shards import open_dataset
     from stemforge.simulate.factory import plan_tasks
 
     if train_data == "none":
@@ -185,7 +191,7 @@ def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tup
             if "structure_ids" in dataset:
                 ids.update(dataset["structure_ids"])
             elif Path(dataset["path"]).is_dir():
-                ids.update(str(i) for i in open_dataset(dataset["path"]).column("structure_id") if i)
+                ids.update(folder_structures(dataset["path"]))
             else:
                 ids.update(task.structure_id for task in plan_tasks(dataset["config"]))
         return names, ids
@@ -196,8 +202,7 @@ def training_structures(train_data: str | None, metadata: dict[str, Any]) -> tup
             "or --train-data none to test without excluding its structures"
         )
     folders = [folders] if isinstance(folders, str) else list(folders)
-    ids = {str(i) for f in folders for i in open_dataset(f).column("structure_id") if i}
-    return ", ".join(str(f) for f in folders), ids
+    return ", ".join(str(f) for f in folders), set().union(*map(folder_structures, folders))
 
 
 def candidates(
@@ -364,6 +369,30 @@ def rate(method: str, patterns: np.ndarray, probe: np.ndarray, network: Any) -> 
     return len(patterns) / (time.perf_counter() - start)
 
 
+def dosed(image: np.ndarray, options: argparse.Namespace, *key: int) -> np.ndarray:
+    """``image`` with Poisson noise at ``options.dose`` (seeded by ``key``); as is without."""
+    from stemforge.simulate.augment import poisson_dose
+
+    if not options.dose:
+        return image
+    return poisson_dose(image, options.dose, np.random.default_rng([options.seed, *key]))
+
+
+def tally_pattern(
+    tallies: dict[str, Tally],
+    found: dict[str, np.ndarray],
+    peaks: np.ndarray,
+    radius: float,
+    options: argparse.Namespace,
+) -> None:
+    """Add each method's detections on one pattern, matched to its scored reflections."""
+    from stemforge.infer.peak_matching import match_peaks
+
+    truth, ignored = scored_reflections(peaks, radius, options.n_pixels, options.min_amplitude)
+    for method in METHODS:
+        tallies[method].add(match_peaks(found[method], truth, options.tolerance * radius, ignored))
+
+
 def score_shifted(
     sample: Any,
     probe: np.ndarray,
@@ -374,20 +403,12 @@ def score_shifted(
 ) -> None:
     """Tally both methods on ``sample`` with its origin moved by each of ORIGIN_SHIFTS
     (the augmenter's resampling of the noise-free pattern, then the dose)."""
-    from stemforge.infer.peak_matching import match_peaks
-    from stemforge.simulate.augment import affine_distort, poisson_dose
+    from stemforge.simulate.augment import affine_distort
 
-    radius = sample.metadata["disk_radius"]
     steps = [np.array([d, 0.6 * d]) for d in ORIGIN_SHIFTS]
     patterns = np.stack(
         [
-            poisson_dose(
-                affine_distort(sample.cbed, shift=tuple(step))[0],
-                options.dose,
-                np.random.default_rng([options.seed, index, 100 + k]),
-            )
-            if options.dose
-            else affine_distort(sample.cbed, shift=tuple(step))[0]
+            dosed(affine_distort(sample.cbed, shift=tuple(step))[0], options, index, 100 + k)
             for k, step in enumerate(steps)
         ]
     )
@@ -396,10 +417,14 @@ def score_shifted(
         peaks = np.array(sample.peaks, copy=True)
         peaks["qx"] += step[0]
         peaks["qy"] += step[1]
-        truth, ignored = scored_reflections(peaks, radius, options.n_pixels, options.min_amplitude)
-        for method in METHODS:
-            tally = shifted.setdefault(d, {m: Tally() for m in METHODS})[method]
-            tally.add(match_peaks(found[method][k], truth, options.tolerance * radius, ignored))
+        tallies = shifted.setdefault(d, {m: Tally() for m in METHODS})
+        tally_pattern(
+            tallies,
+            {m: found[m][k] for m in METHODS},
+            peaks,
+            sample.metadata["disk_radius"],
+            options,
+        )
 
 
 def evaluate(
@@ -407,9 +432,6 @@ def evaluate(
 ) -> tuple[list[RegimeResult], dict[float, dict[str, Tally]], tuple[np.ndarray, np.ndarray]]:
     """Per-regime rows of both methods, the R4 tallies at shifted origins, and the last
     stack of patterns with its probe."""
-    from stemforge.infer.peak_matching import match_peaks
-    from stemforge.simulate.augment import poisson_dose
-
     rows = {r.name: RegimeResult(r) for r in REGIMES}
     shifted: dict[float, dict[str, Tally]] = {}
     groups: dict[float, list[Regime]] = {}
@@ -420,13 +442,7 @@ def evaluate(
             samples = simulate_case(case, regimes, options)
             patterns = np.stack(
                 [
-                    poisson_dose(
-                        s.cbed,
-                        options.dose,
-                        np.random.default_rng([options.seed, index, REGIMES.index(r)]),
-                    )
-                    if options.dose
-                    else s.cbed
+                    dosed(s.cbed, options, index, REGIMES.index(r))
                     for s, r in zip(samples, regimes, strict=True)
                 ]
             )
@@ -435,13 +451,8 @@ def evaluate(
             for i, (sample, regime) in enumerate(zip(samples, regimes, strict=True)):
                 row = rows[regime.name]
                 radius = sample.metadata["disk_radius"]
-                truth, ignored = scored_reflections(
-                    sample.peaks, radius, options.n_pixels, options.min_amplitude
-                )
-                for method in METHODS:
-                    row.tally[method].add(
-                        match_peaks(found[method][i], truth, options.tolerance * radius, ignored)
-                    )
+                found_here = {m: found[m][i] for m in METHODS}
+                tally_pattern(row.tally, found_here, sample.peaks, radius, options)
                 row.radius.append(radius)
                 row.semiangle.append(sample.metadata["semiangle"])
                 row.thickness.append(sample.metadata["thickness"])
