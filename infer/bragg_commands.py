@@ -78,7 +78,8 @@ def detection_options(func: Callable) -> Callable:
         click.option(
             "--min-relative-intensity",
             type=float,
-            help="Drop peaks weaker than this fraction of the reference peak.",
+            help="Drop peaks weaker than this fraction of the reference peak "
+            "[default: 0.005 for correlation, 0.001 for fcunet].",
         ),
         click.option(
             "--min-absolute-intensity",

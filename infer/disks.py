@@ -76,6 +76,8 @@ _SMOOTHING_RADIUS = 3.5
 # Default spacing of peaks, in probe radii: beyond the √2 R reach of the positive skirt of a
 # disk's edge-kernel correlation (see DetectionParams.min_spacing).
 _SPACING_RADII = 1.5
+# Default floor of a correlation peak, as a fraction of the reference peak.
+CORRELATION_MIN_RELATIVE_INTENSITY = 0.005
 
 
 # ---- parameters ---------------------------------------------------------------------------
@@ -128,7 +130,9 @@ class DetectionParams:
         parabola fits with a bias of a few hundredths of a pixel (0.04 px unsmoothed, 0.01 px
         at 1 px on a hard 5 px disk).
     min_relative_intensity
-        Peaks weaker than this fraction of the reference peak are dropped.
+        Peaks weaker than this fraction of the reference peak are dropped. None: the
+        detector's own, 0.005 on correlation maps, 0.001 on FCU-Net images
+        (:data:`~stemforge.infer.fcunet_detect.MIN_RELATIVE_INTENSITY`).
     relative_to_peak
         Rank of the reference peak after the spacing filter: 0 the brightest (usually the
         central beam), 1 the next one (to skip a saturated central beam), ...; a pattern
@@ -175,7 +179,7 @@ class DetectionParams:
 
     exponent: float = 1.0
     sigma: float | None = None
-    min_relative_intensity: float = 0.005
+    min_relative_intensity: float | None = None
     relative_to_peak: int = 0
     min_absolute_intensity: float = 0.0
     min_spacing: float | None = None
@@ -186,9 +190,10 @@ class DetectionParams:
 
     def __post_init__(self) -> None:
         _check_number("exponent", self.exponent, 0.0, "use 1 (cross), 0 (phase) or between", 1.0)
-        _check_number(
-            "min_relative_intensity", self.min_relative_intensity, 0.0, "use e.g. 0.005", 1.0
-        )
+        if self.min_relative_intensity is not None:
+            _check_number(
+                "min_relative_intensity", self.min_relative_intensity, 0.0, "use e.g. 0.005", 1.0
+            )
         _check_number("min_absolute_intensity", self.min_absolute_intensity, 0.0, "use e.g. 0")
         for name in ("sigma", "min_spacing", "edge"):
             value = getattr(self, name)
@@ -207,12 +212,18 @@ class DetectionParams:
 
     @property
     def is_resolved(self) -> bool:
-        """True once ``sigma``, ``min_spacing`` and ``edge`` are numbers."""
-        return self.sigma is not None and self.min_spacing is not None and self.edge is not None
+        """True once ``sigma``, ``min_spacing``, ``edge`` and ``min_relative_intensity`` are
+        numbers."""
+        return None not in (self.sigma, self.min_spacing, self.edge, self.min_relative_intensity)
 
-    def resolved(self, probe_radius: float) -> DetectionParams:
+    def resolved(
+        self,
+        probe_radius: float,
+        min_relative_intensity: float = CORRELATION_MIN_RELATIVE_INTENSITY,
+    ) -> DetectionParams:
         """A copy with ``sigma`` (``max(1, 3.5 / R)`` px), ``min_spacing`` (1.5 R) and ``edge``
-        (R + 1 px) set from the probe radius ``R`` where None."""
+        (R + 1 px) set from the probe radius ``R`` where None, and ``min_relative_intensity``
+        set to the detector's default where None."""
         _check_number("probe_radius", probe_radius, 0.0, "give the disk radius in pixels")
         if probe_radius == 0:
             raise ConfigurationError("probe_radius is 0", "give the disk radius in pixels")
@@ -225,14 +236,18 @@ class DetectionParams:
             if self.min_spacing is None
             else self.min_spacing,
             edge=float(probe_radius) + _EDGE_ALLOWANCE if self.edge is None else self.edge,
+            min_relative_intensity=min_relative_intensity
+            if self.min_relative_intensity is None
+            else self.min_relative_intensity,
         )
 
 
 def _require_resolved(params: DetectionParams) -> None:
     if not params.is_resolved:
         raise ConfigurationError(
-            "sigma, min_spacing or edge is None (derived from the probe radius)",
-            "call params.resolved(probe_radius) first, or give all three in pixels",
+            "sigma, min_spacing, edge or min_relative_intensity is None (defaults from the "
+            "probe radius and the detector)",
+            "call params.resolved(probe_radius) first, or give all four",
         )
 
 

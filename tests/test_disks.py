@@ -111,7 +111,7 @@ def test_gaussian_refinement_places_sampled_gaussians_exactly():
     truth = centres[None] + rng.uniform(-0.5, 0.5, (8, 4, 2))
     heights = np.array([1.0, 0.5, 0.1, 0.02])
     images = np.stack([render_target(t, heights, 64, TARGET_SIGMA) for t in truth])
-    params = DetectionParams(sigma=0, min_spacing=3, edge=2)
+    params = DetectionParams(sigma=0, min_spacing=3, edge=2, min_relative_intensity=0.005)
     peaks = find_peaks(images, params)
     gaussian = refine_gaussian(images, peaks)
     dft = refine_dft(np.fft.rfft2(images), images.shape[1:], peaks, 16)
@@ -423,3 +423,18 @@ def test_defaults_follow_the_probe_radius():
     assert (kept.sigma, kept.min_spacing, kept.edge) == (0.0, 3.0, 0.0)
     with pytest.raises(ConfigurationError, match="probe_radius"):
         DetectionParams().resolved(0.0)
+
+
+def test_the_intensity_floor_defaults_to_the_detectors_own():
+    """Unset, the floor is correlation's 0.005 unless the detector names its own (FCU-Net:
+    0.001); a value given is kept, and an unset floor is refused by the peak picker."""
+    from stemforge.infer.fcunet_detect import MIN_RELATIVE_INTENSITY
+
+    assert DetectionParams().resolved(5.0).min_relative_intensity == 0.005
+    assert DetectionParams().resolved(5.0, MIN_RELATIVE_INTENSITY).min_relative_intensity == 0.001
+    given = DetectionParams(min_relative_intensity=0.02)
+    assert given.resolved(5.0, MIN_RELATIVE_INTENSITY).min_relative_intensity == 0.02
+    unset = DetectionParams(sigma=0.0, min_spacing=3.0, edge=2.0)
+    assert not unset.is_resolved
+    with pytest.raises(ConfigurationError, match="min_relative_intensity"):
+        find_peaks(np.zeros((1, *SHAPE)), unset)
