@@ -58,3 +58,28 @@ def test_a_biased_group_model_does_not_outvote_the_absences_ten_times():
     result = aggregate(replace(biased, group_probability=groups))
     assert result.crystal_system == "hexagonal"
     assert result.space_group in (186, 190, 194)
+
+
+def test_an_unseen_node_weighs_by_how_often_the_crystal_leaves_allowed_nodes_dark():
+    """P2₁2₁2₁ against P222 on one orthorhombic [001]-like pattern set: h00 and 0k0 of odd
+    index unseen. Where every other node shows a spot, the dark odd axial nodes are strong
+    evidence for the screws; where the crystal leaves many allowed nodes dark anyway, the same
+    dark nodes say less."""
+    from stemforge.models.extinctions import absence_log_likelihood
+
+    screws = np.array([[1, 0, 0], [3, 0, 0], [0, 1, 0], [0, 3, 0]])
+    allowed = np.array([[h, k, 0] for h in range(1, 4) for k in range(1, 4)])
+    groups = np.array([19, 16])  # P2₁2₁2₁, P222
+
+    def evidence(seen: np.ndarray, dark: np.ndarray) -> float:
+        spots = [(seen, np.ones(len(seen)))]
+        ratio = absence_log_likelihood(groups, spots, [dark], np.eye(3, dtype=int), "orthorhombic")
+        assert ratio[1] == 0.0  # P222 forbids nothing
+        return float(ratio[0])
+
+    bright = evidence(allowed, screws)
+    p = 4 / (4 + 9)
+    assert bright == pytest.approx(4 * np.log(0.95 / p))
+    dim = evidence(allowed[:3], np.concatenate([screws, allowed[3:]]))
+    assert dim == pytest.approx(4 * np.log(0.95 / (10 / 13)))
+    assert 0 < dim < bright
