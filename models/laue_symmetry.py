@@ -215,7 +215,8 @@ def _pairs(
         order = np.argsort(codes)
         log_i = np.log(intensity)
         for r, v in enumerate(rotations):
-            for image in (h @ v, -(h @ v)):
+            rotated = h @ v
+            for image in (rotated, -rotated):
                 a, b = _matches(codes, order, image)
                 keep = ~np.all(h[b] == -h[a], axis=1)
                 a, b = a[keep], b[keep]
