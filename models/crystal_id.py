@@ -230,6 +230,7 @@ def aggregate(
         reconstruct_lattice,
         space_group_centrings,
         system_log_prior,
+        system_reading,
     )
     from stemforge.models.lattice_refinement import refine_lattice
     from stemforge.models.laue_symmetry import (
@@ -275,8 +276,7 @@ def aggregate(
     system_post = _posterior(system_log)
     best = int(np.argmax(system_log))
     if reconstruction is not None:
-        # The strictest reading that allows the winner gives centring and cell.
-        symmetry = next((r for r in readings if CRYSTAL_SYSTEMS[best] in r.systems), readings[0])
+        symmetry = system_reading(reconstruction, readings, CRYSTAL_SYSTEMS[best])
     ranked = np.sort(system_log)
     margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
     groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))

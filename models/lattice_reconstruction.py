@@ -26,6 +26,7 @@ fixes the crystal system, except that hexagonal and trigonal crystals share one 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -82,6 +83,11 @@ SYMMETRY_TOLERANCE = 0.04
 #: 5 and 3 and EVIDENCE_WEIGHT 0.5 stay best), never on the benchmark's seed.
 SYMMETRY_TOLERANCES = (0.02, SYMMETRY_TOLERANCE, 0.08)
 LOOSE_SYMMETRY_PENALTY = 3.0
+#: Falling tolerances at which the lattice is read again when the crystal system chosen is
+#: of lower symmetry than every reading above (a tetragonal crystal with c within 2 % of a):
+#: the conventional cell must be the system's, its unique axis the one the metric singles
+#: out, or the reflection conditions are tested along the wrong axis.
+STRICT_TOLERANCES = (0.01, 0.005, 0.0025)
 #: Log-weight against a crystal system of lower symmetry than the metric shows.
 LOWER_SYMMETRY_PENALTY = 5.0
 #: Crystal systems whose lattices a lattice of the key system contains (its holohedry's
@@ -696,6 +702,21 @@ def lattice_symmetry(
     unrotated = conventional @ np.asarray(dataset.std_rotation_matrix, float)
     return LatticeSymmetry(
         f"{family}{centring}", systems, centring, conventional, _index_map(unrotated, direct)
+    )
+
+
+def system_reading(
+    reconstruction: LatticeReconstruction, readings: list[LatticeSymmetry], system: str
+) -> LatticeSymmetry:
+    """The reading of a lattice that gives ``system``'s conventional cell and centring.
+
+    The strictest of ``readings`` (rising tolerances) whose lattice the system's crystals
+    have; else the first reading at :data:`STRICT_TOLERANCES` that has it (a crystal whose
+    metric is more symmetric than its structure, nearly); else the strictest reading.
+    """
+    stricter = (lattice_symmetry(reconstruction, t) for t in STRICT_TOLERANCES)
+    return next(
+        (r for r in itertools.chain(readings, stricter) if system in r.systems), readings[0]
     )
 
 

@@ -16,6 +16,7 @@ from stemforge.models.lattice_reconstruction import (
     reduce_bases,
     space_group_centrings,
     system_log_prior,
+    system_reading,
 )
 from stemforge.simulate.structures import get_structure
 from stemforge.simulate.structures.record import CRYSTAL_SYSTEMS
@@ -162,3 +163,27 @@ def test_a_monoclinic_cell_near_orthorhombic_keeps_the_monoclinic_answer_open():
     assert [r.bravais for r in readings] == ["mP", "oP", "oP"]
     prior = dict(zip(CRYSTAL_SYSTEMS, system_log_prior(readings, 5.0, 3.0), strict=True))
     assert prior["monoclinic"] == 0 and prior["orthorhombic"] == -3
+
+
+def _reconstruction(direct: np.ndarray) -> LatticeReconstruction:
+    return LatticeReconstruction(
+        np.linalg.inv(direct @ direct.T), np.ones(1, bool), np.ones(1), np.zeros((1, 2, 3), int)
+    )
+
+
+def test_a_tetragonal_answer_on_a_near_cubic_metric_gets_the_tetragonal_cell():
+    """A P4₁ cell of the tuning seed (a = 6.63, c = 6.745 Å: c 1.7 % longer) reads cubic at
+    every default tolerance. Its reflection conditions (00l: l = 4n) hold along c only, so a
+    tetragonal answer must come with the cell whose unique axis is the long one, whichever
+    axis of the reconstruction's basis that is."""
+    found = _reconstruction(np.diag([6.63, 6.745, 6.63]))
+    readings = [lattice_symmetry(found, t) for t in SYMMETRY_TOLERANCES]
+    assert {r.bravais for r in readings} == {"cP"}
+    assert system_reading(found, readings, "cubic") is readings[0]
+    tetragonal = system_reading(found, readings, "tetragonal")
+    assert tetragonal.bravais == "tP"
+    np.testing.assert_allclose(tetragonal.parameters("tetragonal")[:3], [6.63, 6.63, 6.745])
+    # The unique axis: the reconstruction's second basis vector is the conventional c.
+    assert np.array_equal(np.abs(tetragonal.to_conventional[:, 2]), [0, 1, 0])
+    # A system that no reading allows falls back to the strictest default reading.
+    assert system_reading(found, readings, "hexagonal") is readings[0]
