@@ -116,7 +116,7 @@ def main() -> None:
         "aggregated a, b, c (free lengths of the system) where the system is right; its floor is the "
         "session's calibration error (median 1.5 % at ±3 %).",
         "",
-        f"- Model: `{options.model}` ({model.estimator}, {model.features.size} features); training metadata: "
+        f"- Model: `{options.model}` ({model.architecture}, {model.features.size} features); training metadata: "
         f"`{ {k: v for k, v in model.metadata.items() if k in ('name', 'seed', 'n_structures', 'n_train_patterns')} }`.",
         "",
         "| measure | stemforge | target | Gleason et al. 2024 (RF) |",

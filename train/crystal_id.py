@@ -57,13 +57,32 @@ def identification_scores(
 
 
 def load_training_lists(data: dict[str, Any], seed: int) -> PeakLists:
-    """The kinematic file of ``data`` (built if missing) plus its ``extra`` files."""
+    """The kinematic file of ``data`` (built if missing) plus its ``extra`` sources."""
     path = build_kinematic_peak_lists(
         data["path"], data["structures"], data["kinematic"], seed=data["seed"]
     )
     parts = [read_peak_lists(path)[0]]
-    parts += [read_peak_lists(extra)[0] for extra in data.get("extra") or []]
+    for extra in data.get("extra") or []:
+        parts += extra_peak_lists(extra)
     return PeakLists.concatenate(parts)
+
+
+def extra_peak_lists(path: str | Path) -> list[PeakLists]:
+    """The spot lists of one ``data.extra`` entry.
+
+    A peak-list file (:func:`~stemforge.datasets.peak_lists.write_peak_lists`) as it is; a
+    factory dataset folder (``stemforge simulate crystal_id``) twice: its exact tables with
+    the dynamical disk intensities and the disks the correlation detector finds in its
+    patterns, so that the models meet both kinds of list in training.
+    """
+    from stemforge.datasets.peak_lists import shard_peak_lists
+    from stemforge.infer.identify import detected_peak_lists
+
+    path = Path(path)
+    if not path.is_dir():
+        return [read_peak_lists(path)[0]]
+    log.info("detecting the disks of the factory dataset %s", path)
+    return [shard_peak_lists(path), detected_peak_lists(path)]
 
 
 def train_crystal_id(cfg: Any) -> dict[str, float]:

@@ -281,11 +281,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if Path(path).suffix == ".skops":
         from stemforge.models.crystal_id import CrystalIdentifier
 
-        settings = CrystalIdentifier.load(path).settings()
+        model = CrystalIdentifier.load(path)
+        settings = model.settings()
         metadata = settings.pop("metadata")
         return {
             **{key: metadata[key] for key in ("metrics", "data", "seed") if key in metadata},
-            "model": f"crystal_id_{settings['estimator']}",
+            "model": model.architecture,
             "config": {key: settings[key] for key in ("features", "estimator", "params")},
         }
 
