@@ -364,7 +364,7 @@ class CrystalIdentifier:
         ``random_forest`` or ``hist_gradient_boosting`` for all three stages, or a mapping
         from stage (``system``, ``group``, ``lattice``) to one of them (stages left out:
         ``random_forest``). Boosted trees read the crystal system from one pattern better
-        (pyxtal seed 31: 36.9 → 41.0 %); forests keep the 230-class group stage small.
+        (benchmark one-pattern 37.1 → 42.0 %); forests keep the 230-class group stage small.
     system_params, group_params, lattice_params
         Keyword arguments of the scikit-learn estimators of each stage.
     seed
