@@ -381,7 +381,6 @@ class CrystalIdentifier:
         seed: int = 0,
     ):
         self.estimators = _stage_estimators(estimator)
-        self.estimator = estimator if isinstance(estimator, str) else dict(estimator)
         self.features = features or PeakFeatures()
         self.params = {
             "system": dict(system_params or {}),
@@ -486,7 +485,7 @@ class CrystalIdentifier:
         return {
             "format": FORMAT,
             "features": self.features.to_dict(),
-            "estimator": self.estimator,
+            "estimator": self.estimators,
             "params": self.params,
             "seed": self.seed,
             "metadata": self.metadata,

@@ -148,6 +148,12 @@ def test_system_prior_from_strict_and_loose_readings():
     assert prior["hexagonal"] == -np.inf  # no reading allows a hexagonal lattice
 
 
+def _reconstruction(direct: np.ndarray) -> LatticeReconstruction:
+    return LatticeReconstruction(
+        np.linalg.inv(direct @ direct.T), np.ones(1, bool), np.ones(1), np.zeros((1, 2, 3), int)
+    )
+
+
 def test_a_monoclinic_cell_near_orthorhombic_keeps_the_monoclinic_answer_open():
     """A P2 cell of the tuning seed's kind with β = 91°: spglib finds it orthorhombic at 4 %
     of the cell's edge (the default reading) but not at 2 % (monoclinic from 90.7° on at 2 %,
@@ -155,20 +161,12 @@ def test_a_monoclinic_cell_near_orthorhombic_keeps_the_monoclinic_answer_open():
     instead of monoclinic costing the full one, so the intensities can still decide."""
     a, b, c, beta = 3.36, 6.92, 5.15, np.radians(91.0)
     direct = np.array([[a, 0, 0], [0, b, 0], [c * np.cos(beta), 0, c * np.sin(beta)]])
-    found = LatticeReconstruction(
-        np.linalg.inv(direct @ direct.T), np.ones(1, bool), np.ones(1), np.zeros((1, 2, 3), int)
-    )
+    found = _reconstruction(direct)
     assert lattice_symmetry(found).bravais == "oP"
     readings = [lattice_symmetry(found, t) for t in SYMMETRY_TOLERANCES]
     assert [r.bravais for r in readings] == ["mP", "oP", "oP"]
     prior = dict(zip(CRYSTAL_SYSTEMS, system_log_prior(readings, 5.0, 3.0), strict=True))
     assert prior["monoclinic"] == 0 and prior["orthorhombic"] == -3
-
-
-def _reconstruction(direct: np.ndarray) -> LatticeReconstruction:
-    return LatticeReconstruction(
-        np.linalg.inv(direct @ direct.T), np.ones(1, bool), np.ones(1), np.zeros((1, 2, 3), int)
-    )
 
 
 def test_a_tetragonal_answer_on_a_near_cubic_metric_gets_the_tetragonal_cell():
