@@ -21,7 +21,12 @@ import time
 import numpy as np
 from results_table import update_results
 
-from stemforge.datasets.peak_lists import augment, identification_structures, kinematic_peak_lists
+from stemforge.datasets.peak_lists import (
+    augment,
+    identification_structures,
+    kinematic_peak_lists,
+    one_per_zone_axis,
+)
 from stemforge.infer.identify import load_identifier
 from stemforge.models.crystal_id import aggregate
 from stemforge.simulate.labels import FREE_LATTICE_PARAMETERS
@@ -64,13 +69,10 @@ def main() -> None:
     records = identification_structures(
         aflow_prototypes=False, random_seed=options.seed, per_system=options.per_system
     )
-    rng = np.random.default_rng(options.seed)
     lists = kinematic_peak_lists(
         records, seed=options.seed, n_zone_axes=10, thickness=(50.0, 100.0, 200.0), max_mistilt=2.0
     )
-    # One thickness per zone axis: ten patterns per structure.
-    per_structure = np.arange(len(lists)) % 3
-    lists = lists.select(per_structure == rng.integers(0, 3, len(lists)))
+    lists = lists.select(one_per_zone_axis(lists, options.seed))  # ten patterns per structure
     # One session per crystal: its ten patterns share one calibration error and one
     # elliptical distortion (one camera length, one detector), as a tilt series does.
     measured = augment(lists, options.seed, sessions=lists.structure_id)

@@ -389,6 +389,18 @@ def split_by_structure(
     return [which == k for k in range(len(fractions))]
 
 
+def one_per_zone_axis(lists: PeakLists, seed: int) -> np.ndarray:
+    """Sorted rows of one pattern (a random thickness) per zone axis of every structure.
+
+    The aggregate of a crystal is scored on what a tilt series records: each zone axis
+    once (ten patterns for the kinematic tables, not their thirty).
+    """
+    order = np.random.default_rng(seed).permutation(len(lists))
+    ids = np.unique(lists.structure_id, return_inverse=True)[1]
+    keys = np.column_stack([ids, lists.zone_axis])[order]
+    return np.sort(order[np.unique(keys, axis=0, return_index=True)[1]])
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 

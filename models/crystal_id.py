@@ -457,7 +457,9 @@ class CrystalIdentifier:
         system_p = np.zeros((n, len(CRYSTAL_SYSTEMS)))
         if n == 0:
             return PatternPredictions(system_p, np.zeros((0, 230)), np.zeros((0, 7, 6)))
-        system_p[:, self.system_model.classes_] = self.system_model.predict_proba(x)
+        classes = self.system_model.classes_
+        # Boosted trees fitted on one class still answer two columns (a binary loss).
+        system_p[:, classes] = self.system_model.predict_proba(x) if len(classes) > 1 else 1.0
         group_p = np.zeros((n, 230))
         lattice = np.zeros((n, len(CRYSTAL_SYSTEMS), 6))
         for index, name in enumerate(CRYSTAL_SYSTEMS):

@@ -13,6 +13,7 @@ from stemforge.datasets.peak_lists import (
     PeakLists,
     augment,
     kinematic_peak_lists,
+    one_per_zone_axis,
     read_peak_lists,
     split_by_structure,
     write_peak_lists,
@@ -81,6 +82,18 @@ def test_split_and_augment(lists):
         )
         ratios.append(np.median(np.linalg.norm(moved.q, axis=1) / np.linalg.norm(one.q, axis=1)))
     assert 0.97 <= min(ratios) and max(ratios) <= 1.03 and max(ratios) - min(ratios) > 0.02
+
+
+def test_one_pattern_per_zone_axis_of_each_structure(lists):
+    rows = one_per_zone_axis(lists, seed=0)
+    # 3 structures × 4 zone axes, each from one of its 2 thicknesses.
+    assert len(rows) == 12 and np.all(np.diff(rows) > 0)
+    picked = {(lists.structure_id[i], tuple(lists.zone_axis[i])) for i in rows}
+    assert len(picked) == 12
+    thicknesses = {
+        seed: tuple(lists.thickness[one_per_zone_axis(lists, seed)]) for seed in range(4)
+    }
+    assert len(set(thicknesses.values())) > 1  # the thickness is drawn, not always the first
 
 
 def _fit_small(lists) -> CrystalIdentifier:
@@ -287,6 +300,48 @@ def test_shipped_identifier_loads_offline_and_knows_a_training_structure(lists):
     picked = lists.select(cu)
     result = aggregate(model.predict_peaks(picked.q, picked.intensity, picked.offsets))
     assert result.crystal_system == "cubic"
+
+
+def test_experiment_trains_scores_and_exports(lists, tmp_path):
+    """``stemforge train experiment=crystal_id_rf``: Hydra run → scores → zoo-ready skops."""
+    from omegaconf import OmegaConf
+
+    from stemforge.models.zoo.cache import file_sha256
+    from stemforge.train.run import compose_config, main
+
+    cfg = compose_config(["experiment=crystal_id_rf"])
+    assert cfg.task == "crystal_id" and cfg.model.estimator.system == "hist_gradient_boosting"
+    # Stored with the config of the run's data, the file counts as built by it (reused).
+    built = {key: OmegaConf.to_container(cfg.data[key]) for key in ("structures", "kinematic")}
+    path = write_peak_lists(tmp_path / "lists.h5", lists, {**built, "seed": cfg.data.seed})
+    run = tmp_path / "run"
+    main(
+        [
+            "experiment=crystal_id_rf",
+            f"data.path={path}",
+            "data.splits=[0.34,0.33,0.33]",
+            "data.augment.copies=3",
+            "model.system_params.max_iter=10",
+            "model.group_params.n_estimators=5",
+            "model.lattice_params.n_estimators=5",
+            f"hydra.run.dir={run}",
+        ]
+    )
+    description = json.loads((run / "model" / "model.json").read_text())
+    weights = run / "model" / description["file"]
+    assert description["sha256"] == file_sha256(weights)
+    metrics = description["metadata"]["metrics"]
+    for key in ("val/system_accuracy", "val/group_top3", "test/aggregate_system_accuracy"):
+        assert 0 <= metrics[key] <= 1
+    # One structure per split, scored on one pattern per zone axis: four patterns.
+    assert metrics["test/system_accuracy"] * 4 == pytest.approx(
+        round(metrics["test/system_accuracy"] * 4)
+    )
+    assert next(run.glob("csv/version_*/metrics.csv")).read_text().count("val/system_accuracy")
+    model = CrystalIdentifier.load(weights)
+    assert model.metadata["n_train_patterns"] == 3 * 8  # one structure, 3 augmented copies
+    predictions = model.predict_peaks(lists.q, lists.intensity, lists.offsets)
+    assert predictions.system_probability.shape == (len(lists), 7)
 
 
 CU_AXES = ((0, 0, 1), (0, 1, 1), (1, 1, 1))

@@ -181,9 +181,10 @@ def train_crystal_id_nn(cfg: Any) -> dict[str, float | None]:
     dict
         Metrics of the exported (best) weights: the Lightning scores and
         :func:`~stemforge.train.crystal_id.identification_scores` (per pattern and
-        aggregated per structure) of ``val`` and, with a test split, ``test``.
+        aggregated per structure, one pattern per zone axis) of ``val`` and, with a test split, ``test``.
     """
     from stemforge.datasets.peak_list_datamodule import PeakListDataModule
+    from stemforge.datasets.peak_lists import one_per_zone_axis
     from stemforge.train.crystal_id import identification_scores, load_training_lists
     from stemforge.train.run import _plain, fit_and_export, prepare
 
@@ -213,7 +214,12 @@ def train_crystal_id_nn(cfg: Any) -> dict[str, float | None]:
             "data": {key: value for key, value in data.items() if key != "path"},
             "n_structures": int(len(set(datamodule.lists.structure_id))),
         },
-        lambda stage: identification_scores(module.net, datamodule.parts[stage], stage),
+        # One pattern per zone axis of each crystal, as the forests are scored.
+        lambda stage: identification_scores(
+            module.net,
+            datamodule.parts[stage].select(one_per_zone_axis(datamodule.parts[stage], cfg.seed)),
+            stage,
+        ),
     )
     for key, value in metrics.items():
         log.info("%s = %s", key, value)
