@@ -232,7 +232,8 @@ def aggregate(
     Where the patterns' nets fix a 3D lattice
     (:func:`~stemforge.models.lattice_reconstruction.reconstruct_lattice`: several zone
     axes), its Bravais lattice weighs the systems
-    (:func:`~stemforge.models.lattice_reconstruction.system_log_prior`), so do the rotations
+    (:func:`~stemforge.models.lattice_reconstruction.system_log_prior`; where the patterns
+    still choose a system the lattice rules out, the lattice is set aside), so do the rotations
     of it that the patterns' intensities obey
     (:func:`~stemforge.models.laue_symmetry.laue_evidence`: hexagonal against trigonal on
     hP above all), its centring and the intensities' Laue class weigh the space groups, and
@@ -301,6 +302,8 @@ def aggregate(
     best = int(np.argmax(system_log))
     if reconstruction is not None:
         symmetry = system_reading(reconstruction, readings, CRYSTAL_SYSTEMS[best])
+        if not symmetry.admits(CRYSTAL_SYSTEMS[best]):
+            symmetry = None  # the patterns outvoted a lattice that rules their system out
     ranked = np.sort(system_log)
     margin = float(ranked[-1] - ranked[-2]) if len(ranked) > 1 else float("inf")
     groups = np.array(space_group_range(CRYSTAL_SYSTEMS[best]))

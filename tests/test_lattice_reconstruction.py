@@ -7,6 +7,7 @@ from uninformed_predictions import uninformed_predictions
 from stemforge.datasets.peak_lists import augment, kinematic_peak_lists
 from stemforge.models.crystal_id import aggregate
 from stemforge.models.lattice_reconstruction import (
+    LATTICE_VETO,
     SYMMETRY_TOLERANCES,
     LatticeReconstruction,
     LatticeSymmetry,
@@ -138,6 +139,29 @@ def test_the_lattice_overrides_an_unsure_model_in_the_aggregate():
     assert result.to_dict()["bravais_lattice"] == "cF"
 
 
+@pytest.mark.parametrize("cubic", [0.9, 0.4])
+def test_patterns_that_agree_outvote_a_lattice_that_rules_their_system_out(cubic):
+    """Rutile's nets make a tP lattice. Ten patterns each 90 % sure of cubic (a wrong
+    reconstruction, as of a cubic crystal read oS) keep cubic, and the tP cell is set aside
+    for the patterns' own cubic lattice; at 40 % the lattice decides."""
+    from dataclasses import replace
+
+    lists = _lists(CASES[1][0])
+    n = len(lists)
+    system = np.full((n, 7), (1 - cubic) / 6)
+    system[:, CRYSTAL_SYSTEMS.index("cubic")] = cubic
+    lattice = np.zeros((n, 7, 6))
+    lattice[:, CRYSTAL_SYSTEMS.index("cubic")] = [4.0, 4.0, 4.0, 90, 90, 90]
+    predictions = replace(uninformed_predictions(lists), system_probability=system, lattice=lattice)
+    result = aggregate(predictions)
+    if cubic > 0.5:
+        assert result.crystal_system == "cubic" and result.bravais_lattice is None
+        np.testing.assert_allclose(result.lattice, [4.0, 4.0, 4.0, 90, 90, 90])
+    else:
+        assert result.crystal_system == "tetragonal" and result.bravais_lattice == "tP"
+        assert result.lattice[0] == pytest.approx(CASES[1][2], rel=0.01)
+
+
 def test_system_prior_from_strict_and_loose_readings():
     strict = LatticeSymmetry("mP", ("monoclinic",), "P", np.eye(3), np.eye(3, dtype=int))
     loose = LatticeSymmetry("cP", ("cubic",), "P", np.eye(3), np.eye(3, dtype=int))
@@ -145,7 +169,7 @@ def test_system_prior_from_strict_and_loose_readings():
     assert prior["monoclinic"] == 0 and prior["triclinic"] == -5  # lower than the lattice
     assert prior["cubic"] == -3  # only the loose reading allows it
     assert prior["tetragonal"] == -8 and prior["orthorhombic"] == -8  # below the loose one
-    assert prior["hexagonal"] == -np.inf  # no reading allows a hexagonal lattice
+    assert prior["hexagonal"] == -LATTICE_VETO  # no reading allows a hexagonal lattice
 
 
 def _reconstruction(direct: np.ndarray) -> LatticeReconstruction:
