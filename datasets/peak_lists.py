@@ -315,6 +315,7 @@ def augment(
     position_noise: float = 0.003,
     intensity_noise: float = 0.3,
     drop_below: tuple[float, float] = (1e-3, 3e-2),
+    reach: tuple[float, float] | None = None,
     sessions: np.ndarray | None = None,
 ) -> PeakLists:
     """Perturb spot lists as a measurement does (seeded, one draw per pattern).
@@ -333,11 +334,15 @@ def augment(
     drop_below
         Spots weaker than a fraction drawn log-uniformly from this range of the pattern's
         strongest are lost (the detection threshold).
+    reach
+        The detector's edge: spots outside a square of half-width drawn uniformly from
+        this range (Å⁻¹), its sides along the detector axes (the q frame), are lost. A
+        128-pixel detector at 0.02 Å⁻¹ per pixel reaches 1.28 Å⁻¹. None: no edge.
     sessions
         ``(N,)`` labels of the patterns recorded in one session: they share one calibration
-        error and one elliptical distortion (same camera length, same detector axes), while
-        the crystal's in-plane rotation still differs per pattern. None: every pattern its
-        own session.
+        error, one elliptical distortion and one reach (same camera length, same detector),
+        while the crystal's in-plane rotation still differs per pattern. None: every
+        pattern its own session.
     """
     rng = np.random.default_rng(seed)
     n = len(lists)
@@ -359,6 +364,9 @@ def augment(
     np.maximum.at(peak_max, owner, intensity)
     threshold = np.exp(rng.uniform(*np.log(drop_below), n)) * peak_max
     keep = intensity >= threshold[owner]
+    if reach is not None:
+        edge = rng.uniform(*reach, n_sessions)[session]
+        keep &= np.abs(q).max(axis=1) <= edge[owner]
     kept = np.bincount(owner[keep], minlength=n)
     return PeakLists(
         q=q[keep].astype(np.float32),

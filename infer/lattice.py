@@ -46,6 +46,9 @@ _SPOT_TOLERANCE = 0.15
 _PEAK_TOLERANCE = 0.2
 # The shortest vectors of this many spots are tried as basis pairs.
 _N_BASIS_SPOTS = 12
+# An index-2 finer net replaces a pair's when the spots on its new nodes carry at least
+# this fraction of the weight (and are at least two: a Friedel pair).
+_HALF_NODE_WEIGHT = 0.03
 # Indexing/fitting passes of fit_lattice (later passes index with the fitted lattice and
 # leave out the peaks the previous fit rejected).
 _MAX_PASSES = 5
@@ -445,7 +448,9 @@ def _best_pair(vecs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
     pairs that index (nearly) all spots the smallest cell is primitive: a pair such as
     ``(g1, 2·g1 + g2)`` or ``(g1, 2·g2)`` misses spots and a spot missing from the map
     cannot trick the choice into a non-primitive cell. The weights are the spots' summed
-    peak intensities (see :func:`choose_basis`).
+    peak intensities (see :func:`choose_basis`). The pair chosen (or, where none indexes
+    enough, the one indexing most) may still span twice the true cell when extinctions
+    empty the rows between the shortest spots: :func:`_index_two_net` halves it then.
     """
     order = np.argsort(np.hypot(vecs[:, 0], vecs[:, 1]))
     short = vecs[order[:_N_BASIS_SPOTS]]
@@ -460,12 +465,31 @@ def _best_pair(vecs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
             "the Bragg vector map has no two independent spots: no 2D lattice",
             "check the origin calibration, lower threshold or min_spacing, or give g1 and g2",
         )
-    # Index in each pair's reduced basis, to a fraction of its shortest vector: two long
-    # spots can span a dense lattice whose nodes lie closer than their own lengths.
+    fraction, _ = _indexed_weight(vecs, weights, a, b)
+    good = np.flatnonzero(fraction >= _MIN_INDEXED)
+    best = good[np.argmin(area[good])] if good.size else int(np.argmax(fraction))
+    a, b = _index_two_net(vecs, weights, a[best], b[best])
+    if _indexed_weight(vecs, weights, a[None], b[None])[0][0] < _MIN_INDEXED:
+        raise InvalidDataError(
+            f"no pair of Bragg-vector-map spots indexes {_MIN_INDEXED:.0%} of the spot intensity: "
+            "they do not form one 2D lattice (polycrystal, several grains, or a wrong origin)",
+            "give g1 and g2 by hand, or restrict the peaks to one grain",
+        )
+    return a, b
+
+
+def _indexed_weight(
+    vecs: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of the spot weight each basis ``(a[i], b[i])`` indexes, and which spots.
+
+    Each basis is reduced first and spots are indexed to :data:`_SPOT_TOLERANCE` of its
+    shortest vector (two long spots can span a dense lattice whose nodes lie closer than
+    their own lengths). Every spot in every basis at once: bases × spots.
+    """
     reduced = np.array([reduce_basis(p, q) for p, q in zip(a, b, strict=True)])
     a, b = reduced[:, 0], reduced[:, 1]
     tol = _SPOT_TOLERANCE * np.hypot(a[:, 0], a[:, 1])
-    # Every spot in every pair's basis at once: pairs × spots rows.
     m = len(vecs)
     error = index_peaks(
         np.tile(vecs[:, 0], len(a)),
@@ -473,16 +497,32 @@ def _best_pair(vecs: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.nd
         np.repeat(a, m, 0),
         np.repeat(b, m, 0),
     ).error.reshape(len(a), m)
-    fraction = ((error <= tol[:, None]) * weights).sum(axis=1) / weights.sum()
-    good = np.flatnonzero(fraction >= _MIN_INDEXED)
-    if not good.size:
-        raise InvalidDataError(
-            f"no pair of Bragg-vector-map spots indexes {_MIN_INDEXED:.0%} of the spot intensity: "
-            "they do not form one 2D lattice (polycrystal, several grains, or a wrong origin)",
-            "give g1 and g2 by hand, or restrict the peaks to one grain",
-        )
-    best = good[np.argmin(area[good])]
-    return a[best], b[best]
+    indexed = error <= tol[:, None]
+    return (indexed * weights).sum(axis=1) / weights.sum(), indexed
+
+
+def _index_two_net(
+    vecs: np.ndarray, weights: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The basis ``a, b``, or the index-2 finer net whose new nodes hold spots.
+
+    Glide planes and screw axes empty every other row of some zone-axis nets near the
+    origin (a 2D net that looks centred), so the shortest spots span a net of twice the
+    true cell and the odd rows further out are missed. Of the three nets with half the
+    cell (``a/2``, ``b/2`` or ``(a + b)/2`` added), the one whose added nodes carry at
+    least :data:`_HALF_NODE_WEIGHT` of the weight in two or more spots replaces it (spots
+    off the zero-order net, such as higher-order Laue zone reflections of a thin crystal,
+    fall on such nodes only by chance).
+    """
+    finer = np.array([[a / 2, b], [a, b / 2], [(a + b) / 2, b]])
+    before, parent = _indexed_weight(vecs, weights, a[None], b[None])
+    fraction, indexed = _indexed_weight(vecs, weights, finer[:, 0], finer[:, 1])
+    added = indexed & ~parent
+    gain = (added * weights).sum(axis=1) / weights.sum()
+    rejected = (added.sum(axis=1) < 2) | (gain < _HALF_NODE_WEIGHT) | (fraction < before)
+    gain[rejected] = -np.inf
+    best = int(np.argmax(gain + fraction))
+    return (finer[best, 0], finer[best, 1]) if np.isfinite(gain[best]) else (a, b)
 
 
 def fit_net(vectors: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

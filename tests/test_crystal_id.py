@@ -82,6 +82,11 @@ def test_split_and_augment(lists):
         )
         ratios.append(np.median(np.linalg.norm(moved.q, axis=1) / np.linalg.norm(one.q, axis=1)))
     assert 0.97 <= min(ratios) and max(ratios) <= 1.03 and max(ratios) - min(ratios) > 0.02
+    # The detector's edge: a square of half-width 0.6-0.9 Å⁻¹; drawn after the other
+    # errors, so an edge beyond every spot changes nothing.
+    cut = augment(lists, 3, reach=(0.6, 0.9))
+    assert np.abs(cut.q).max() <= 0.9 and len(cut.q) < len(a.q)
+    np.testing.assert_array_equal(augment(lists, 3, reach=(9.0, 9.0)).q, a.q)
 
 
 def test_one_pattern_per_zone_axis_of_each_structure(lists):

@@ -31,6 +31,7 @@ from stemforge.infer.lattice import (
     conventional_basis,
     estimate_origin,
     fit_lattice,
+    fit_net,
     index_peaks,
     reduce_basis,
 )
@@ -391,3 +392,24 @@ def test_bad_inputs_raise_clear_errors():
     )
     with pytest.raises(InvalidDataError, match="independent"):
         choose_basis(row, CAL)
+
+
+@pytest.mark.parametrize("odd_weight", [0.3, 1.0])
+def test_fit_net_finds_rows_that_extinctions_empty_near_the_origin(odd_weight):
+    """A rectangular net (0.1, 0) × (0, 0.3) Å⁻¹ whose odd-h spots are extinct in the rows
+    k = 0, ±1 (a glide): the shortest spots span twice the cell, and only the rows k = ±2
+    show the odd nodes. Weak odd spots (below a tenth of the weight) used to leave the
+    coarse net; strong ones left no net at all."""
+    h, k = np.meshgrid(np.arange(-6, 7), np.arange(-3, 4), indexing="ij")
+    h, k = h.ravel(), k.ravel()
+    keep = ((h % 2 == 0) | (np.abs(k) >= 2)) & ((h != 0) | (k != 0))
+    h, k = h[keep], k[keep]
+    spots = np.stack([0.1 * h, 0.3 * k], axis=1)
+    weights = np.where(h % 2 == 0, 1.0, odd_weight)
+    g1, g2 = fit_net(spots, weights)
+    assert abs(g1[0] * g2[1] - g1[1] * g2[0]) == pytest.approx(0.03, rel=1e-6)
+    # Without the rows k = ±2 the coarse net is the pattern's, and two spots off it (a
+    # higher-order Laue zone near the origin) do not halve it.
+    inner = np.vstack([spots[np.abs(k) < 2], [[0.05, 0.07], [-0.05, -0.07]]])
+    g1, g2 = fit_net(inner, np.r_[np.ones(int(np.sum(np.abs(k) < 2))), 0.2, 0.2])
+    assert abs(g1[0] * g2[1] - g1[1] * g2[0]) == pytest.approx(0.06, rel=1e-6)
