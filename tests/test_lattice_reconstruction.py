@@ -162,6 +162,26 @@ def test_patterns_that_agree_outvote_a_lattice_that_rules_their_system_out(cubic
         assert result.lattice[0] == pytest.approx(CASES[1][2], rel=0.01)
 
 
+def test_on_a_shared_lattice_the_intensities_decide():
+    """Magnesium (P6₃/mmc) on its hP lattice, ten patterns each twice as sure of trigonal
+    as of hexagonal: one pattern rarely tells a 3-fold axis from a 6-fold one, the
+    intensities of all patterns together do (6/mmm), and they decide."""
+    from dataclasses import replace
+
+    from stemforge.models.crystal_id import PROBABILITY_FLOOR
+
+    lists = _lists(CASES[2][0])
+    system = np.full((len(lists), 7), 0.1 / 5)
+    system[:, CRYSTAL_SYSTEMS.index("trigonal")] = 0.6
+    system[:, CRYSTAL_SYSTEMS.index("hexagonal")] = 0.3
+    predictions = replace(uninformed_predictions(lists), system_probability=system)
+    result = aggregate(predictions)
+    assert result.bravais_lattice == "hP" and result.crystal_system == "hexagonal"
+    # The classifiers still count: patterns that all rule hexagonal out outweigh them.
+    system[:, CRYSTAL_SYSTEMS.index("hexagonal")] = PROBABILITY_FLOOR
+    assert aggregate(replace(predictions, system_probability=system)).crystal_system == "trigonal"
+
+
 def test_system_prior_from_strict_and_loose_readings():
     strict = LatticeSymmetry("mP", ("monoclinic",), "P", np.eye(3), np.eye(3, dtype=int))
     loose = LatticeSymmetry("cP", ("cubic",), "P", np.eye(3), np.eye(3, dtype=int))
