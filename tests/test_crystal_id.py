@@ -293,7 +293,7 @@ def test_identify_command_on_a_simulated_stack(trained, tmp_path):
 
 
 def test_shipped_identifier_loads_offline_and_knows_a_training_structure(lists):
-    """crystal_id@0.2.0 ships in the package (sha256 checked) and recognises copper, one of
+    """crystal_id@0.3.0 ships in the package (sha256 checked) and recognises copper, one of
     the prototypes it was trained on, from four zone axes."""
     from stemforge.infer.identify import load_identifier
     from stemforge.models.peak_features import PeakFeatures
