@@ -7,6 +7,7 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
+from built_peak_lists import built_peak_lists
 
 from stemforge.core.errors import ConfigurationError, InvalidDataError
 from stemforge.datasets.peak_lists import (
@@ -309,16 +310,12 @@ def test_shipped_identifier_loads_offline_and_knows_a_training_structure(lists):
 
 def test_experiment_trains_scores_and_exports(lists, tmp_path):
     """``stemforge train experiment=crystal_id_rf``: Hydra run → scores → zoo-ready skops."""
-    from omegaconf import OmegaConf
-
     from stemforge.models.zoo.cache import file_sha256
     from stemforge.train.run import compose_config, main
 
     cfg = compose_config(["experiment=crystal_id_rf"])
     assert cfg.task == "crystal_id" and cfg.model.estimator.system == "hist_gradient_boosting"
-    # Stored with the config of the run's data, the file counts as built by it (reused).
-    built = {key: OmegaConf.to_container(cfg.data[key]) for key in ("structures", "kinematic")}
-    path = write_peak_lists(tmp_path / "lists.h5", lists, {**built, "seed": cfg.data.seed})
+    path = built_peak_lists(cfg, lists, tmp_path)
     run = tmp_path / "run"
     main(
         [

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from built_peak_lists import built_peak_lists
 
 from stemforge.core.errors import ConfigurationError
 from stemforge.datasets.peak_list_datamodule import PeakListDataModule, pad_peak_lists
-from stemforge.datasets.peak_lists import kinematic_peak_lists, write_peak_lists
+from stemforge.datasets.peak_lists import kinematic_peak_lists
 from stemforge.models.crystal_id import aggregate
 from stemforge.models.peak_set import PeakSetNet
 from stemforge.models.zoo import load_model_file
@@ -125,9 +125,7 @@ def test_datamodule_splits_by_structure_and_augments_per_epoch(lists):
 def test_experiment_trains_scores_and_exports(lists, tmp_path):
     cfg = compose_config(["experiment=crystal_id_nn"])
     assert cfg.task == "crystal_id_nn" and cfg.data.max_spots == cfg.model.max_spots
-    # Stored with the config of the run's data, the file counts as built by it (reused).
-    built = {key: OmegaConf.to_container(cfg.data[key]) for key in ("structures", "kinematic")}
-    path = write_peak_lists(tmp_path / "lists.h5", lists, {**built, "seed": cfg.data.seed})
+    path = built_peak_lists(cfg, lists, tmp_path)
     run = tmp_path / "run"
     main(
         [
